@@ -1,0 +1,229 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides.
+
+The dotted key names (``run.max_steps``, ``batch.global_batch_size`` ...) are a
+public contract: scripts and the comparison tool address runs through them.
+Every user mistake becomes a ``ConfigError`` whose message is one line naming
+the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message is printed as one line, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in the configuration."""
+
+
+def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _field("runs/default", "folder for config.yaml, metrics.jsonl, summary.json, model.safetensors")
+    seed: int = _field(0, "seed for model init, data and sample order")
+    max_steps: int = _field(20, "number of optimizer steps to train")
+    dtype: str = _field(
+        "float32", "parameter dtype; float64 makes exact equivalence checks possible", ("float32", "float64")
+    )
+    log_every_steps: int = _field(1, "plain-text log line every N optimizer steps when not on a terminal")
+    overwrite: bool = _field(False, "allow writing into an output_dir that already holds a finished run")
+    dist_timeout_s: float = _field(600.0, "collective timeout in seconds: a hung rank fails the job after this")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _field("tiny-gpt2", "tiny-gpt2 | tiny-bert | hf:<local dir or hub id>")
+    dropout: float = _field(0.0, "probability applied to every dropout in the model")
+    task: str = _field("auto", "lm | cls | auto (from the model name or architecture)", ("auto", "lm", "cls"))
+    hidden_size: int = _field(64, "width of the built-in tiny models")
+    num_layers: int = _field(2, "depth of the built-in tiny models")
+    num_heads: int = _field(2, "attention heads of the built-in tiny models")
+    num_labels: int = _field(2, "classes for sequence classification")
+
+
+@dataclass
+class DataConfig:
+    name: str = _field(
+        "synthetic-lm", "synthetic-lm | synthetic-cls | path to .csv/.json/.jsonl/.parquet | hf:<hub dataset id>"
+    )
+    num_samples: int = _field(256, "samples in the training set (synthetic) or the most taken from a file (0 = all)")
+    seq_len: int = _field(32, "maximum sequence length in tokens")
+    text_column: str = _field("text", "column holding the text (file and hub datasets)")
+    label_column: str = _field("label", "column holding the class label (classification)")
+    split: str = _field("train", "split of a hub dataset")
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int | None = _field(None, "samples per optimizer step, over all processes and micro-steps")
+    micro_batch_size: int | None = _field(None, "samples per forward/backward, per process")
+    accum_steps: int | None = _field(None, "micro-steps per optimizer step, per process")
+    sync: str = _field(
+        "no_sync",
+        "no_sync: all-reduce on the last micro-step only; every_step: on every micro-step",
+        ("no_sync", "every_step"),
+    )
+    loss_normalization: str = _field(
+        "tokens", "tokens: sum / global item count (exact); mean: per-micro-batch mean / K (naive)", ("tokens", "mean")
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: str = _field("adamw", "optimizer", ("sgd", "adamw"))
+    lr: float = _field(1e-3, "peak learning rate")
+    weight_decay: float = _field(0.0, "decoupled weight decay (adamw) or L2 (sgd)")
+    schedule: str = _field("constant", "learning-rate shape after warmup", ("constant", "linear", "cosine"))
+    warmup_steps: int = _field(0, "optimizer steps of linear warmup from 0")
+    grad_clip: float = _field(0.0, "max global gradient L2 norm per optimizer step (0 = off)")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = _field("no", "mixed precision through Accelerate", ("no", "bf16", "fp16"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; YAML gives strings for forms like 1e-3."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {names}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(known))}")
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}={value!r} must be a section (a mapping of keys)")
+            kwargs[name] = _build(hints[name], value, f"{key}.")
+            continue
+        kwargs[name] = _coerce(key, value, hints[name])
+        choices = known[name].metadata.get("choices")
+        if choices and kwargs[name] not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in the nested mapping ``data`` (in place)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])} is not a section, so {text!r} cannot set a key in it")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping of sections (run:, model:, ...)")
+    return data
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: {rule}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that the types alone cannot express."""
+    _check(cfg.run.max_steps >= 1, "run.max_steps", cfg.run.max_steps, "must be >= 1")
+    _check(cfg.run.log_every_steps >= 1, "run.log_every_steps", cfg.run.log_every_steps, "must be >= 1")
+    _check(cfg.run.dist_timeout_s > 0, "run.dist_timeout_s", cfg.run.dist_timeout_s, "must be > 0")
+    _check(bool(cfg.run.output_dir), "run.output_dir", cfg.run.output_dir, "must name a folder")
+    _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
+    for key in ("hidden_size", "num_layers", "num_heads"):
+        _check(getattr(cfg.model, key) >= 1, f"model.{key}", getattr(cfg.model, key), "must be >= 1")
+    _check(cfg.model.num_labels >= 2, "model.num_labels", cfg.model.num_labels, "must be >= 2")
+    _check(cfg.data.num_samples >= 0, "data.num_samples", cfg.data.num_samples, "must be >= 0 (0 = all rows of a file)")
+    _check(cfg.data.seq_len >= 4, "data.seq_len", cfg.data.seq_len, "must be >= 4")
+    for key in ("global_batch_size", "micro_batch_size", "accum_steps"):
+        value = getattr(cfg.batch, key)
+        _check(value is None or value >= 1, f"batch.{key}", value, "must be a positive integer or null (derived)")
+    _check(cfg.optim.lr >= 0, "optim.lr", cfg.optim.lr, "must be >= 0")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
+    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
+    _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 = off)")
+    _check(
+        cfg.precision == "no" or cfg.run.dtype == "float32",
+        "precision",
+        cfg.precision,
+        "mixed precision needs run.dtype=float32 (float64 runs are for exact checks)",
+    )
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (or start from defaults), apply ``overrides``, build and validate."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, list(overrides))
+    return validate(_build(Config, data, ""))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,159 @@
+"""Measurements and the files they go to: a counting DDP communication hook, timers, memory, writers.
+
+Communication is counted where it happens (inside DDP's comm hook, as sent),
+memory is read from the runtime, and every result file is written atomically
+(temporary file, then rename) so that a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.config import ConfigError
+
+
+class CommCounter:
+    """Counts DDP's gradient all-reduces: every bucket DDP hands to the hook is one all-reduce call,
+    and the bucket DDP marks as last closes one synchronization round (one synced backward)."""
+
+    def __init__(self) -> None:
+        self.sync_rounds = 0
+        self.allreduce_calls = 0
+        self.allreduce_bytes = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Register on a DDP-wrapped model; a single-process model sends nothing and stays at zero."""
+        if not isinstance(model, DistributedDataParallel):
+            return
+
+        # No annotations: DDP compares them to real types, and this module's are postponed strings.
+        def counting_allreduce(state, bucket):  # noqa: ANN001, ANN202
+            buffer = bucket.buffer()
+            self.allreduce_calls += 1
+            self.allreduce_bytes += buffer.numel() * buffer.element_size()
+            self.sync_rounds += int(bucket.is_last())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_allreduce)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "sync_rounds": self.sync_rounds,
+            "allreduce_calls": self.allreduce_calls,
+            "allreduce_bytes": self.allreduce_bytes,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import accelerate
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now_s() -> float:
+    return time.perf_counter()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_source(device: torch.device) -> str:
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "getrusage.ru_maxrss"
+
+
+def atomic_output(path: Path, produce: Callable[[str], None]) -> None:
+    """Let ``produce`` write a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        produce(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    def produce(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_output(path, produce)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights_atomic(model: nn.Module, path: Path) -> None:
+    """Final weights as safetensors; tied tensors (GPT-2's embedding/head) are stored once."""
+    from safetensors.torch import save_model
+
+    atomic_output(path, lambda tmp: save_model(model, tmp))
+
+
+RESULT_FILES = ("metrics.jsonl", "summary.json", "model.safetensors")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over a finished or started run unless asked, and fail early on an unwritable folder."""
+    found = [name for name in RESULT_FILES if (output_dir / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            f"run.output_dir={str(output_dir)!r} already holds a run ({', '.join(found)}); "
+            "choose another folder or set run.overwrite=true"
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run.output_dir={str(output_dir)!r} is not writable: {err.strerror}") from None
+
+
+class JsonlWriter:
+    """One JSON object per line, flushed per line so a reader (or a crash) sees whole lines only."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,155 @@
+"""Model builders: tiny transformers from a config (random init, no download), or pretrained via ``hf:``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launcher.config import ConfigError, ModelConfig
+
+LM, CLS = "lm", "cls"
+BUILTIN_TASKS = {"tiny-gpt2": LM, "tiny-bert": CLS}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, for the built-in models: no vocabulary file to download."""
+
+    vocab_size = 258
+    pad_token_id = 256
+    bos_token_id = 257
+
+    def encode(self, text: str, max_length: int) -> list[int]:
+        return [self.bos_token_id, *text.encode("utf-8")][:max_length]
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    task: str  # LM or CLS
+    vocab_size: int
+    pad_token_id: int
+    encode: object  # callable(text, max_length) -> list[int]
+
+
+def _set_dropout(config: object, p: float) -> None:
+    """Set every float dropout probability of a transformers config (attention, hidden, embedding...)."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, p)
+
+
+def _force_dropout(model: nn.Module, p: float) -> None:
+    # Some architectures hard-code a dropout module outside the config keys.
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if cfg.name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[cfg.name]
+    arch = " ".join(architectures or [])
+    if "ForCausalLM" in arch or "LMHeadModel" in arch:
+        return LM
+    if "ForSequenceClassification" in arch:
+        return CLS
+    raise ConfigError(
+        f"model.task=auto cannot tell the task of model.name={cfg.name!r} (architectures: {arch or 'none'}); "
+        "set model.task=lm or model.task=cls"
+    )
+
+
+def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    tok = ByteTokenizer()
+    task = _task_of(cfg, None)
+    if cfg.name == "tiny-gpt2":
+        if task != LM:
+            raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='tiny-gpt2' (a causal LM)")
+        config = GPT2Config(
+            vocab_size=tok.vocab_size,
+            n_positions=max_positions,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.bos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        build = GPT2LMHeadModel
+    else:
+        if task != CLS:
+            raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='tiny-bert' (a classifier)")
+        config = BertConfig(
+            vocab_size=tok.vocab_size,
+            max_position_embeddings=max_positions,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * cfg.hidden_size,
+            num_labels=cfg.num_labels,
+            pad_token_id=tok.pad_token_id,
+        )
+        build = BertForSequenceClassification
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}")
+    _set_dropout(config, cfg.dropout)
+    # Eager attention: the same kernels for every batch shape, so splits compare exactly.
+    config._attn_implementation = "eager"
+    model = build(config)
+    return ModelBundle(model, task, tok.vocab_size, tok.pad_token_id, tok.encode)
+
+
+def _pretrained(cfg: ModelConfig) -> ModelBundle:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = cfg.name.removeprefix("hf:")
+    if not source:
+        raise ConfigError("model.name='hf:' needs a local folder or a hub id after 'hf:'")
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"model.name={cfg.name!r}: no such folder")
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.name={cfg.name!r} could not be loaded (offline or unknown?): {first}") from None
+    task = _task_of(cfg, getattr(config, "architectures", None))
+    _set_dropout(config, cfg.dropout)
+    if task == CLS and getattr(config, "num_labels", None) != cfg.num_labels:
+        config.num_labels = cfg.num_labels
+    auto = AutoModelForCausalLM if task == LM else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(source, config=config)
+    except ValueError as err:
+        raise ConfigError(f"model.name={cfg.name!r} has no {task} head: {str(err).splitlines()[0]}") from None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError(f"model.name={cfg.name!r}: the tokenizer has neither a pad nor an eos token")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad
+
+    def encode(text: str, max_length: int) -> list[int]:
+        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+
+    return ModelBundle(model, task, model.config.vocab_size, pad, encode)
+
+
+def build_model(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> ModelBundle:
+    """Build the model named by ``cfg`` with every dropout set to ``cfg.dropout``, in ``dtype``."""
+    if cfg.name in BUILTIN_TASKS:
+        bundle = _tiny(cfg, max_positions)
+    elif cfg.name.startswith("hf:"):
+        bundle = _pretrained(cfg)
+    else:
+        raise ConfigError(f"model.name={cfg.name!r} is not known; choose tiny-gpt2, tiny-bert or hf:<folder or hub id>")
+    _force_dropout(bundle.model, cfg.dropout)
+    bundle.model.to(dtype)
+    return bundle
