@@ -237,4 +237,6 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         summary["wall_time_s"] = now_s() - started
         write_json_atomic(out / "summary.json", summary)
         print_summary(summary)
+    # Nobody tears down the process group while rank 0 is still writing (gloo aborts on that).
+    acc.wait_for_everyone()
     return summary

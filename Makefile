@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:  `make run` (the main job)  and  `make test`.
+# Each creates .venv and installs what it needs the first time.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ACCELERATE_CPU := --multi_gpu --num_processes 2 --num_machines 1 --main_process_port 0 --mixed_precision no --dynamo_backend no
+RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
+
+.PHONY: setup run train test lint clean
+
+setup: $(STAMP)
+
+# torch first, chosen for the machine: the normal (CUDA) build where a GPU answers, else the
+# CPU build (a local wheel when pip's find-links has one, else PyTorch's CPU index), never
+# gigabytes of CUDA wheels on a CPU-only host.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q torch==2.13.0; \
+	else \
+	  $(BIN)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null || \
+	  $(BIN)/pip install -q --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on the embedded default: a short run on 2 CPU processes over gloo.
+run: $(STAMP)
+	$(RUN_ENV) $(BIN)/accelerate launch $(ACCELERATE_CPU) launcher/train.py \
+	  --config configs/runs/tiny_lm.yaml run.overwrite=true
+
+test: $(STAMP)
+	$(BIN)/ruff check launcher tests
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check launcher tests
+	$(BIN)/ruff format --check launcher tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
