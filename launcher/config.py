@@ -41,6 +41,19 @@ class RunConfig:
     log_every_steps: int = _field(1, "plain-text log line every N optimizer steps when not on a terminal")
     overwrite: bool = _field(False, "allow writing into an output_dir that already holds a finished run")
     dist_timeout_s: float = _field(600.0, "collective timeout in seconds: a hung rank fails the job after this")
+    checkpoint_every: int = _field(0, "write a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = _field(2, "complete checkpoints kept in output_dir/checkpoints; older ones are pruned")
+    resume: str = _field("none", "none | auto (newest complete checkpoint in output_dir, if any) | <checkpoint folder>")
+    allow_batch_change: bool = _field(
+        False, "resume a checkpoint written with another global batch size (the sample order does not continue)"
+    )
+    stop_at_step: int = _field(0, "checkpoint after this optimizer step and exit 0, a planned stop (0 = off)")
+    on_nonfinite: str = _field(
+        "skip", "non-finite loss or gradients on any rank: skip the step on every rank, or stop", ("skip", "stop")
+    )
+    max_consecutive_nonfinite: int = _field(3, "stop the run when this many steps in a row were skipped")
+    inject_nan_at_step: int = _field(0, "test hook: make this optimizer step's loss NaN (1-based; 0 = off)")
+    inject_nan_rank: int = _field(0, "test hook: the rank whose loss run.inject_nan_at_step poisons")
 
 
 @dataclass
@@ -196,6 +209,11 @@ def validate(cfg: Config) -> Config:
     _check(cfg.run.log_every_steps >= 1, "run.log_every_steps", cfg.run.log_every_steps, "must be >= 1")
     _check(cfg.run.dist_timeout_s > 0, "run.dist_timeout_s", cfg.run.dist_timeout_s, "must be > 0")
     _check(bool(cfg.run.output_dir), "run.output_dir", cfg.run.output_dir, "must name a folder")
+    for key in ("checkpoint_every", "stop_at_step", "inject_nan_at_step", "inject_nan_rank"):
+        _check(getattr(cfg.run, key) >= 0, f"run.{key}", getattr(cfg.run, key), "must be >= 0")
+    for key in ("keep_checkpoints", "max_consecutive_nonfinite"):
+        _check(getattr(cfg.run, key) >= 1, f"run.{key}", getattr(cfg.run, key), "must be >= 1")
+    _check(bool(cfg.run.resume), "run.resume", cfg.run.resume, "must be none, auto or a checkpoint folder")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
     for key in ("hidden_size", "num_layers", "num_heads"):
         _check(getattr(cfg.model, key) >= 1, f"model.{key}", getattr(cfg.model, key), "must be >= 1")

@@ -74,6 +74,23 @@ def gather_object(accelerator: Accelerator, value: object) -> list:
     return out
 
 
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer died or hung: gloo raises DistBackendError (or, from inside
+    DDP's reducer, a RuntimeError carrying gloo's message)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower())
+
+
+def describe_collective_failure(err: BaseException) -> str:
+    """One line: what failed, and the likely cause, for a peer that died or hung."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    cause = (
+        "timed out (a rank hung past run.dist_timeout_s)"
+        if "timeout" in first.lower() or "timed out" in (first.lower())
+        else "failed (another rank died or lost its connection)"
+    )
+    return f"a collective {cause}: {first[:300]}"
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from launcher import checkpoint
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
 from launcher.config import Config, OptimConfig, dump_config
 from launcher.data import IGNORE, TokenDataset
@@ -36,6 +38,7 @@ from launcher.metrics import (
     peak_memory_bytes,
     save_weights_atomic,
     synchronize,
+    truncate_jsonl,
     write_json_atomic,
     write_text_atomic,
 )
@@ -96,10 +99,17 @@ class StepContext:
     order: SampleOrder
     task: str
     counter: CommCounter = field(default_factory=CommCounter)
+    start_step: int = 0  # steps already done (a resumed run)
+    stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
 
 
-def train_step(ctx: StepContext, step: int) -> dict[str, Any]:
-    """Run optimizer step ``step`` (0-based) and return its metrics record (global values)."""
+class NonFiniteError(RuntimeError):
+    """Non-finite loss or gradients: run.on_nonfinite=stop, or too many skipped steps in a row."""
+
+
+def train_step(ctx: StepContext, step: int) -> tuple[dict[str, Any], bool]:
+    """Run optimizer step ``step`` (0-based); returns its metrics record (global values) and whether any
+    rank asked to stop. A step whose loss or gradients are non-finite on any rank is skipped on all."""
     acc, plan, task = ctx.accelerator, ctx.plan, ctx.task
     started = now_s()
     comm_before = ctx.counter.totals()
@@ -116,6 +126,7 @@ def train_step(ctx: StepContext, step: int) -> dict[str, Any]:
     # The divisor must be known before the first backward: it is the whole window's count, over all ranks.
     (global_items,) = all_reduce_sum(acc, [float(sum(local_counts))])
     token_norm = ctx.cfg.batch.loss_normalization == "tokens"
+    poison = ctx.cfg.run.inject_nan_at_step == step + 1 and ctx.cfg.run.inject_nan_rank == acc.process_index
 
     loss_sum_local = torch.zeros((), dtype=torch.float64, device=acc.device)
     for m, batch in enumerate(batches):
@@ -125,6 +136,8 @@ def train_step(ctx: StepContext, step: int) -> dict[str, Any]:
         with contextlib.nullcontext() if syncing else acc.no_sync(ctx.model):
             logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum = summed_loss(logits, batch["labels"], task)
+            if poison and m == 0:
+                loss_sum = loss_sum * float("nan")  # test hook: a NaN on this rank only
             if token_norm:
                 # DDP averages gradients over ranks; x world_size turns that average back into a sum.
                 loss = loss_sum * (plan.world_size / max(global_items, 1.0))
@@ -137,12 +150,22 @@ def train_step(ctx: StepContext, step: int) -> dict[str, Any]:
     # Clip once per optimizer step, on the synced gradients; with clipping off the norm is still logged.
     max_norm = ctx.cfg.optim.grad_clip if ctx.cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = float(acc.clip_grad_norm_(ctx.model.parameters(), max_norm))
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
+    local_loss = float(loss_sum_local)
+    # Under fp16 an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
+    grads_bad = not math.isfinite(grad_norm) and acc.scaler is None
+    nonfinite = not math.isfinite(local_loss) or grads_bad
+    # One all-reduce carries the logged loss and both agreements (non-finite here, stop requested here), so
+    # every rank skips, or stops after, the same step, and neither costs an extra collective.
+    loss_total, nonfinite_ranks, stop_ranks = all_reduce_sum(
+        acc, [local_loss, float(nonfinite), float(ctx.stop_requested())]
+    )
+    skipped = nonfinite_ranks > 0
+    if not skipped:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, not carried over
     synchronize(acc.device)
     step_time_s = now_s() - started
 
-    (loss_total,) = all_reduce_sum(acc, [float(loss_sum_local)])
     comm = {k: v - comm_before[k] for k, v in ctx.counter.totals().items()}
     return {
         "step": step + 1,
@@ -156,7 +179,9 @@ def train_step(ctx: StepContext, step: int) -> dict[str, Any]:
         "allreduce_calls": comm["allreduce_calls"],
         "allreduce_bytes": comm["allreduce_bytes"],
         "peak_mem_bytes": peak_memory_bytes(acc.device),
-    }
+        "skipped": skipped,
+        "nonfinite_ranks": int(nonfinite_ranks),
+    }, stop_ranks > 0
 
 
 def summarize(records: list[dict[str, Any]], task: str) -> dict[str, Any]:
@@ -168,6 +193,7 @@ def summarize(records: list[dict[str, Any]], task: str) -> dict[str, Any]:
     rate_key = "tokens_per_s" if task == LM else "items_per_s"
     return {
         "steps": len(records),
+        "skipped_steps": [r["step"] for r in records if r.get("skipped")],
         "first_loss": records[0]["loss"] if records else None,
         "final_loss": records[-1]["loss"] if records else None,
         "median_step_time_s": statistics.median(times) if times else None,
@@ -184,8 +210,54 @@ def summarize(records: list[dict[str, Any]], task: str) -> dict[str, Any]:
     }
 
 
+def _check_nonfinite(cfg: Config, records: list[dict[str, Any]]) -> None:
+    """Stop (on every rank: the verdict was all-reduced) per run.on_nonfinite and run.max_consecutive_nonfinite."""
+    if not records[-1]["skipped"]:
+        return
+    streak = 0
+    for record in reversed(records):
+        if not record.get("skipped"):
+            break
+        streak += 1
+    step = records[-1]["step"]
+    if cfg.run.on_nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss or gradients at step {step} (run.on_nonfinite=stop)")
+    if streak >= cfg.run.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"non-finite loss or gradients in {streak} steps in a row, up to step {step} "
+            f"(run.max_consecutive_nonfinite={cfg.run.max_consecutive_nonfinite})"
+        )
+
+
+def _wants_checkpoint(cfg: Config, done: int, stop: bool) -> bool:
+    every = cfg.run.checkpoint_every
+    return stop or done == cfg.run.max_steps or done == cfg.run.stop_at_step or (every > 0 and done % every == 0)
+
+
+def _open_outputs(ctx: StepContext, out: Path) -> tuple[JsonlWriter, list[dict[str, Any]]]:
+    """Main process: config.yaml, and metrics.jsonl fresh or continued after the checkpoint's step."""
+    write_text_atomic(out / "config.yaml", dump_config(ctx.cfg))
+    checkpoint.remove_partial(out)
+    if ctx.start_step == 0:
+        for stale in RESULT_FILES:  # reached only with run.overwrite=true: never mix two runs' files
+            (out / stale).unlink(missing_ok=True)
+        if ctx.cfg.run.resume == "none":
+            checkpoint.remove_all(out)  # so that a later resume=auto cannot pick up the old run's
+        return JsonlWriter(out / "metrics.jsonl"), []
+    # Steps after the checkpoint are trained again: drop their lines so no step is missing or repeated.
+    kept = truncate_jsonl(out / "metrics.jsonl", ctx.start_step)
+    for stale in ("summary.json", "model.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+    return JsonlWriter(out / "metrics.jsonl", append=True), kept
+
+
 def run_loop(ctx: StepContext) -> dict[str, Any]:
-    """Train ``cfg.run.max_steps`` optimizer steps; the main process writes every result file."""
+    """Train from ``ctx.start_step`` to ``cfg.run.max_steps`` (or a stop); checkpoints at step boundaries.
+
+    The main process writes every result file. ``summary["stopped"]`` says whether the run stopped early
+    (a signal or run.stop_at_step) after writing a checkpoint; summary.json and the final weights are
+    only written by a run that finished.
+    """
     acc, cfg = ctx.accelerator, ctx.cfg
     started = now_s()
     out = Path(cfg.run.output_dir)
@@ -194,22 +266,32 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
     ctx.model.train()
     records: list[dict[str, Any]] = []
     if main:
-        write_text_atomic(out / "config.yaml", dump_config(cfg))
-        for stale in RESULT_FILES:  # reached only with run.overwrite=true: never mix two runs' files
-            (out / stale).unlink(missing_ok=True)
-        metrics = JsonlWriter(out / "metrics.jsonl")
+        metrics, records = _open_outputs(ctx, out)
         progress = StepProgress(cfg.run.max_steps, cfg.run.log_every_steps)
+    # Only this session's records are the same on every rank (rank 0 alone reads the earlier ones back).
+    prior = len(records)
+    stopped = False
     try:
-        for step in range(cfg.run.max_steps):
-            record = train_step(ctx, step)
+        for step in range(ctx.start_step, cfg.run.max_steps):
+            record, stop = train_step(ctx, step)
             records.append(record)
             if main:
                 metrics.write(record)
                 progress.update(record)
+            _check_nonfinite(cfg, records[prior:])
+            done = step + 1
+            stopped = stop or done == cfg.run.stop_at_step
+            if _wants_checkpoint(cfg, done, stopped):
+                checkpoint.save_checkpoint(acc, ctx.model, ctx.optimizer, cfg, ctx.plan, done)
+            if stopped:
+                break
     finally:
         if main:
             progress.close()
             metrics.close()
+    if stopped:
+        acc.wait_for_everyone()  # rank 0 may still be writing the checkpoint
+        return {"stopped": True, "step": records[-1]["step"]}
 
     peaks = gather_object(acc, peak_memory_bytes(acc.device))
     summary = {
@@ -229,6 +311,8 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         "peak_mem_bytes_per_rank": peaks,
         "peak_mem_source": memory_source(acc.device),
         "wall_time_s": now_s() - started,
+        "resumed_from_step": ctx.start_step,
+        "stopped": False,
         "output_dir": str(out),
         "versions": library_versions(),
     }

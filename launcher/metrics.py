@@ -128,10 +128,11 @@ def save_weights_atomic(model: nn.Module, path: Path) -> None:
 RESULT_FILES = ("metrics.jsonl", "summary.json", "model.safetensors")
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished or started run unless asked, and fail early on an unwritable folder."""
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse to write over a finished or started run unless asked (or resuming it), and fail early on an
+    unwritable folder."""
     found = [name for name in RESULT_FILES if (output_dir / name).exists()]
-    if found and not overwrite:
+    if found and not overwrite and not resuming:
         raise ConfigError(
             f"run.output_dir={str(output_dir)!r} already holds a run ({', '.join(found)}); "
             "choose another folder or set run.overwrite=true"
@@ -147,9 +148,9 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 class JsonlWriter:
     """One JSON object per line, flushed per line so a reader (or a crash) sees whole lines only."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w")
+        self._file = path.open("a" if append else "w")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -157,3 +158,20 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the records of steps 1..``last_step`` (a resumed run re-does the later ones) and drop a torn last
+    line; rewrites ``path`` atomically and returns the kept records."""
+    kept: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line cut by a kill: nothing after it was written whole
+            if record.get("step", 0) > last_step:
+                break
+            kept.append(record)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept

@@ -10,6 +10,7 @@ accum_steps = global_batch_size / (micro_batch_size x world_size).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -19,15 +20,52 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 import torch
 from accelerate.utils import set_seed
 
-from launcher import distributed
+from launcher import checkpoint, distributed
 from launcher.batching import SampleOrder, plan_batch
 from launcher.config import Config, UserError, load_config
 from launcher.data import build_dataset
-from launcher.loop import StepContext, build_optimizer, run_loop
+from launcher.loop import NonFiniteError, StepContext, build_optimizer, run_loop
 from launcher.metrics import check_output_dir
 from launcher.models import LM, build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Exit codes (README, "Checkpoints and resume").
+EXIT_USER_ERROR = 2  # bad config, checkpoint or output folder: one "error:" line
+EXIT_NONFINITE = 3  # non-finite loss/gradients with run.on_nonfinite=stop, or too many skipped steps in a row
+EXIT_COLLECTIVE = 4  # a collective failed: another rank died, or one hung past run.dist_timeout_s
+# Stopped by a signal after writing a checkpoint: 128 + the signal number, the code schedulers already read
+# as "preempted" (Slurm, Kubernetes).
+EXIT_ON_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a request that the loop honours at the next optimizer-step boundary.
+
+    Every rank records its own signal; the loop all-reduces the request with the step's other scalars, so
+    all ranks checkpoint and stop after the same step even when the signals arrive at different times.
+    A second signal is recorded too, not fatal: Ctrl-C reaches each rank twice (terminal and launcher agent).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        for sig in EXIT_ON_SIGNAL:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            print(
+                f"rank {distributed.env_rank()}: got {signal.Signals(signum).name}; "
+                "checkpointing at the next step boundary",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.received = signum
+
+    def __call__(self) -> bool:
+        return self.received is not None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,8 +108,35 @@ def describe_plan(ctx: StepContext) -> str:
     )
 
 
+def error_line(message: str, every_rank: bool = False) -> None:
+    """One line on stderr: from rank 0 for errors every rank shares, from each rank for its own failure."""
+    rank = distributed.env_rank()
+    if every_rank and distributed.launched_world_size() > 1:
+        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def resume_point(cfg: Config) -> checkpoint.CheckpointInfo | None:
+    """The checkpoint to resume, checked against this run before anything is written."""
+    path = checkpoint.resolve_resume(cfg)
+    if path is None:
+        return None
+    info = checkpoint.read_checkpoint(path)
+    plan = plan_batch(
+        cfg.batch.global_batch_size,
+        cfg.batch.micro_batch_size,
+        cfg.batch.accum_steps,
+        distributed.launched_world_size(),
+    )
+    checkpoint.check_compatible(info, cfg, plan)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signals = StopSignals()
+    signals.install()
     try:
         cfg = load_config(args.config, args.overrides)
         # Checks that need no process group run first, identically on every rank.
@@ -81,18 +146,35 @@ def main(argv: list[str] | None = None) -> int:
             cfg.batch.accum_steps,
             distributed.launched_world_size(),
         )
-        check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite)
+        resume = resume_point(cfg)
+        check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=resume is not None)
         accelerator = distributed.init_accelerator(cfg)
         ctx = build(cfg, accelerator)
+        ctx.stop_requested = signals
+        note = ""
+        if resume is not None:
+            note = checkpoint.load_checkpoint(resume, accelerator, ctx.model, ctx.optimizer, ctx.plan)
+            ctx.start_step = resume.step
         if accelerator.is_main_process:
             print(describe_plan(ctx), flush=True)
-        run_loop(ctx)
+            if resume is not None:
+                print(f"resume: step {resume.step} from {resume.path} ({note})", flush=True)
+        summary = run_loop(ctx)
     except UserError as err:
-        if distributed.env_rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        error_line(str(err))
+        return EXIT_USER_ERROR
+    except NonFiniteError as err:
+        error_line(f"{err}; the last checkpoint holds the last finite model")
+        return EXIT_NONFINITE
+    except Exception as err:
+        if not distributed.is_collective_failure(err):
+            raise
+        error_line(distributed.describe_collective_failure(err), every_rank=True)
+        return EXIT_COLLECTIVE
     finally:
         distributed.shutdown()
+    if summary["stopped"] and signals.received is not None:
+        return EXIT_ON_SIGNAL[signals.received]
     return 0
 
 
