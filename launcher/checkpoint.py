@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,11 +190,10 @@ def _write_files(
 
 
 def _pause_for_tests(step: int) -> None:
-    """Test hook: hold a save of ``step`` open, files written but not yet renamed, so a test can SIGKILL it there."""
+    """Test hook: hold the save of ``step`` open (files written, not yet renamed) until a signal arrives, so a
+    test can SIGKILL or SIGTERM a run at exactly that point."""
     if os.environ.get("ACCUM_TEST_PAUSE_IN_SAVE_AT_STEP") == str(step):
-        import time
-
-        time.sleep(600)
+        signal.pause()
 
 
 def prune(output_dir: str | Path, keep: int) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,46 @@ def launch(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY_LM,
     """`accelerate launch` the trainer with ``nproc`` processes; returns the finished process."""
     cmd = [*accelerate_cmd(nproc), TRAIN, "--config", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def start(tmp_path: Path, nproc: int, *overrides: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a launch without waiting, in its own session so a test can signal or kill the whole group;
+    its output goes to tmp_path/launch.log, readable while it runs."""
+    cmd = [*accelerate_cmd(nproc), TRAIN, "--config", TINY_LM, *overrides]
+    with open(tmp_path / "launch.log", "w") as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**launch_env(tmp_path), **(extra_env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the ranks of an `accelerate launch` agent), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return sorted(found)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> Path:
