@@ -280,7 +280,8 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
                 progress.update(record)
             _check_nonfinite(cfg, records[prior:])
             done = step + 1
-            stopped = stop or done == cfg.run.stop_at_step
+            # A stop asked for during the last step changes nothing: the run finishes normally.
+            stopped = (stop or done == cfg.run.stop_at_step) and done < cfg.run.max_steps
             if _wants_checkpoint(cfg, done, stopped):
                 checkpoint.save_checkpoint(acc, ctx.model, ctx.optimizer, cfg, ctx.plan, done)
             if stopped:

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         error_line(str(err))
         return EXIT_USER_ERROR
-    except NonFiniteError as err:
+    except (NonFiniteError, checkpoint.NonFiniteModelError) as err:
         error_line(f"{err}; the last checkpoint holds the last finite model")
         return EXIT_NONFINITE
     except Exception as err:
