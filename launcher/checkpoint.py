@@ -268,9 +268,11 @@ def check_compatible(info: CheckpointInfo, cfg: Config, plan: BatchPlan) -> None
         raise CheckpointError(f"{where} is at step {info.step}, past run.max_steps={cfg.run.max_steps}")
 
 
-def _load_pt(path: Path, device: torch.device | str = "cpu") -> Any:
+def _load_pt(path: Path) -> Any:
+    # Always to CPU: a MULTI_CPU run tags its tensors "cpu:0", which torch.load cannot restore as such, and
+    # the optimizer moves its state to each parameter's device itself.
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise CheckpointError(f"checkpoint file {str(path)!r} cannot be read: {str(err).splitlines()[0]}") from None
 
@@ -310,7 +312,7 @@ def load_checkpoint(
 ) -> str:
     """Restore weights, optimizer, RNG and scaler in place on every rank; returns a note on the RNG restore."""
     _load_weights(info.path / WEIGHTS, accelerator.unwrap_model(model))
-    optimizer.load_state_dict(_load_pt(info.path / OPTIMIZER, accelerator.device))
+    optimizer.load_state_dict(_load_pt(info.path / OPTIMIZER))
     if accelerator.scaler is not None and (info.path / SCALER).is_file():
         accelerator.scaler.load_state_dict(_load_pt(info.path / SCALER))
     states = _load_pt(info.path / RNG)

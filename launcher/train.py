@@ -147,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             distributed.launched_world_size(),
         )
         resume = resume_point(cfg)
-        check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=resume is not None)
+        # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
+        own = (
+            resume is not None
+            and resume.path.resolve().parent == checkpoint.checkpoint_dir(cfg.run.output_dir).resolve()
+        )
+        check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=own)
         accelerator = distributed.init_accelerator(cfg)
         ctx = build(cfg, accelerator)
         ctx.stop_requested = signals

@@ -1,6 +1,6 @@
 """Issue 4: checkpoints, resume and faults, with real launches.
 
-One module-scoped set of float64 runs (8 steps, SGD, cosine LR with warmup, 40 samples so the epoch
+One module-scoped set of float64 runs (8 steps, AdamW, cosine LR with warmup, 40 samples so the epoch
 has a short last window) is shared by the resume assertions: straight, stopped at 4 and resumed, and
 stopped at 3 and 6 and resumed, each under 1 process (K=4) and 2 processes (K=2).
 """
@@ -39,8 +39,8 @@ from tests.conftest import (
 COMMON = (
     "run.dtype=float64",
     "model.dropout=0.0",
-    "optim.name=sgd",
-    "optim.lr=0.5",
+    "optim.name=adamw",  # moments and step count in the optimizer state: the resume must restore them
+    "optim.lr=0.01",
     "optim.schedule=cosine",
     "optim.warmup_steps=2",
     "optim.grad_clip=0",
@@ -309,16 +309,18 @@ BAD_RESUMES = {
         (AUTO, "batch.global_batch_size=32"),
         ("global_batch_size=16", "32", "run.allow_batch_change=true"),
     ),
+    # A checkpoint from another folder resumes into a fresh folder only, never over a run.
+    "foreign_into_a_run": (None, ("run.resume={root}/ckpt_1x4_step4",), ("already holds a run", "run.overwrite")),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_RESUMES))
-def test_bad_resume_gets_one_clear_line(stopped_run, tmp_path, case):
+def test_bad_resume_gets_one_clear_line(root, stopped_run, case):
     damage, overrides, words = BAD_RESUMES[case]
     if damage:
         damage(stopped_run / "checkpoints" / "step-00000004")
     before = snapshot(stopped_run)
-    proc = train_directly(stopped_run, *overrides)
+    proc = train_directly(stopped_run, *(o.format(root=root) for o in overrides))
     assert proc.returncode == 2, proc.stderr
     assert_one_error_line(proc, words)
     assert snapshot(stopped_run) == before
@@ -360,3 +362,31 @@ def test_full_disk_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the earlier checkpoints are kept"):
         checkpoint.save_checkpoint(Accelerator(cpu=True), model, optimizer, cfg, BatchPlan(1, 4, 4), 2)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
+    from launcher.metrics import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    kept = truncate_jsonl(path, 3)
+    assert [r["step"] for r in kept] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("run.keep_checkpoints=0", ("run.keep_checkpoints", ">= 1")),
+        ("run.checkpoint_every=-1", ("run.checkpoint_every", ">= 0")),
+        ("run.on_nonfinite=ignore", ("run.on_nonfinite", "skip, stop")),
+        ("run.max_consecutive_nonfinite=0", ("run.max_consecutive_nonfinite", ">= 1")),
+    ],
+)
+def test_checkpoint_keys_are_validated(override, words):
+    from launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / TINY_LM, [override])
+    for word in words:
+        assert word in str(err.value)
