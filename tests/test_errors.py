@@ -11,13 +11,17 @@ from tests.conftest import REPO, TINY_LM, TRAIN, launch, run_ok
 
 CASES = {
     # overrides: words the one error line must contain
-    "non_divisible": (("batch.global_batch_size=10", "batch.micro_batch_size=4"),
-                      ("batch.global_batch_size=10", "not divisible", "batch.micro_batch_size=4")),
+    "non_divisible": (
+        ("batch.global_batch_size=10", "batch.micro_batch_size=4"),
+        ("batch.global_batch_size=10", "not divisible", "batch.micro_batch_size=4"),
+    ),
     "unknown_key": (("optim.learning_rate=0.1",), ("optim.learning_rate", "unknown key", "lr")),
     "unknown_section": (("trainer.steps=3",), ("trainer", "unknown key")),
     "wrong_type": (("run.max_steps=ten",), ("run.max_steps", "'ten'", "int")),
-    "missing_file": (("model.name=tiny-bert", "data.name=/nonexistent/train.csv"),
-                     ("data.name", "/nonexistent/train.csv", "no such file")),
+    "missing_file": (
+        ("model.name=tiny-bert", "data.name=/nonexistent/train.csv"),
+        ("data.name", "/nonexistent/train.csv", "no such file"),
+    ),
     "negative_lr": (("optim.lr=-0.1",), ("optim.lr", "-0.1", ">= 0")),
     "bad_choice": (("batch.sync=sometimes",), ("batch.sync", "sometimes", "no_sync, every_step")),
     "two_of_three": (("batch.global_batch_size=null", "batch.accum_steps=null"), ("set two of",)),
@@ -47,8 +51,13 @@ def test_bad_input_gets_one_clear_line(tmp_path, case):
 
 
 def test_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_clear_line(proc, ("configs/runs/nope.yaml", "no such file"))
 
 
