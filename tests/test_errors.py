@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from launcher.launch import launch_env
 from tests.conftest import REPO, TINY_LM, TRAIN, launch, run_ok
 
 CASES = {
@@ -22,6 +23,10 @@ CASES = {
         ("model.name=tiny-bert", "data.name=/nonexistent/train.csv"),
         ("data.name", "/nonexistent/train.csv", "no such file"),
     ),
+    "hub_dataset_offline": (
+        ("model.name=tiny-bert", "data.name=hf:nobody/no-such-dataset"),
+        ("data.name='hf:nobody/no-such-dataset'", "could not be loaded"),
+    ),
     "negative_lr": (("optim.lr=-0.1",), ("optim.lr", "-0.1", ">= 0")),
     "bad_choice": (("batch.sync=sometimes",), ("batch.sync", "sometimes", "no_sync, every_step")),
     "two_of_three": (("batch.global_batch_size=null", "batch.accum_steps=null"), ("set two of",)),
@@ -30,7 +35,7 @@ CASES = {
 
 def train_directly(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120)
 
 
 def assert_one_clear_line(proc: subprocess.CompletedProcess, words: tuple[str, ...]) -> None:
