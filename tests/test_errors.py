@@ -82,3 +82,18 @@ def test_finished_run_is_not_overwritten(tmp_path):
     proc = train_directly(tmp_path, f"run.output_dir={out}", "run.max_steps=3")
     assert_one_clear_line(proc, ("run.output_dir", "already holds a run", "run.overwrite=true"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_half_set_launch_environment(tmp_path):
+    # WORLD_SIZE without the rest of a launcher's environment: refuse in one line instead of training alone.
+    env = {**launch_env(tmp_path / "tmp"), "WORLD_SIZE": "2"}
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_clear_line(proc, ("WORLD_SIZE=2", "MASTER_ADDR"))
+    assert "Traceback" not in proc.stderr
