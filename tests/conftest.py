@@ -4,52 +4,35 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
+from launcher.launch import REPO, accelerate_command, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TRAIN = "launcher/train.py"
 TINY_LM = "configs/runs/tiny_lm.yaml"
 
 
-def launch_env(tmp_path: Path) -> dict[str, str]:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    # One thread per process on 2 cores; loopback for gloo; torchelastic's leftovers in the test's temp dir.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
-            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def accelerate_cmd(nproc: int) -> list[str]:
-    cmd = [ACCELERATE, "launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if nproc > 1:
-        cmd += ["--multi_gpu", "--main_process_port", "0"]
-    return cmd
-
-
-def launch(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY_LM,
-           timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    tmp_path: Path, nproc: int, *overrides: str, config: str = TINY_LM, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`accelerate launch` the trainer with ``nproc`` processes; returns the finished process."""
-    cmd = [*accelerate_cmd(nproc), TRAIN, "--config", config, *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    cmd = [*accelerate_command(nproc), "--config", config, *overrides]
+    return subprocess.run(
+        cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start(tmp_path: Path, nproc: int, *overrides: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a launch without waiting, in its own session so a test can signal or kill the whole group;
     its output goes to tmp_path/launch.log, readable while it runs."""
-    cmd = [*accelerate_cmd(nproc), TRAIN, "--config", TINY_LM, *overrides]
+    cmd = [*accelerate_command(nproc), "--config", TINY_LM, *overrides]
     with open(tmp_path / "launch.log", "w") as log:
         return subprocess.Popen(
             cmd,
             cwd=REPO,
-            env={**launch_env(tmp_path), **(extra_env or {})},
+            env={**launch_env(tmp_path / "tmp"), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -106,8 +89,3 @@ def rel_l2(a: dict, b: dict) -> float:
     diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
     norm = sum(float((b[k].double() ** 2).sum()) for k in b)
     return math.sqrt(diff / norm)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return launch_env(tmp_path)

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.launch import accelerate_command, launch_env
 from tests.conftest import (
     REPO,
     TINY_LM,
     TRAIN,
-    accelerate_cmd,
     child_pids,
-    launch_env,
     read_run,
     rel_l2,
     run_ok,
@@ -121,9 +120,9 @@ def train(root: Path, nproc: int, name: str, *overrides: str) -> Path:
 
 
 def launch_on_port(root: Path, port: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [*accelerate_cmd(2), TRAIN, "--config", TINY_LM, *overrides]
+    cmd = [*accelerate_command(2), "--config", TINY_LM, *overrides]
     cmd[cmd.index("--main_process_port") + 1] = str(port)
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(root), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(root / "tmp"), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -196,7 +195,7 @@ def test_sigterm_checkpoints_and_resumes_to_the_same_weights(runs, tmp_path):
 def test_sigterm_without_launcher_exits_143(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={out}", *COMMON]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **PAUSE_AT_4}
+    env = {**launch_env(tmp_path / "tmp"), **PAUSE_AT_4}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     paused_in_save(out, 4)
     proc.send_signal(signal.SIGTERM)
@@ -263,7 +262,7 @@ def train_directly(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     """train.py as one process without a launcher, into ``out``."""
     cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={out}", *COMMON, *overrides]
     return subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=launch_env(out.parent / "tmp")
     )
 
 
@@ -329,7 +328,7 @@ def test_bad_resume_gets_one_clear_line(root, stopped_run, case):
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = train_directly(blocker / "out")
+    proc = train_directly(tmp_path / "out", f"run.output_dir={blocker / 'out'}")  # the later key wins
     assert proc.returncode == 2
     assert_one_error_line(proc, ("run.output_dir", "not writable"))
 
