@@ -134,8 +134,25 @@ def save_checkpoint(
         raise NonFiniteModelError(f"the weights after step {step} are not finite; no checkpoint written")
     rng_states = gather_object(accelerator, _rng_state())
     final = checkpoint_dir(cfg.run.output_dir) / step_name(step)
-    if not accelerator.is_main_process or final.exists():
-        return final
+    if accelerator.is_main_process and not final.exists():
+        _write_checkpoint(final, accelerator, model, optimizer, cfg, plan, step, rng_states)
+    # The other ranks wait here rather than in the next collective: a rank that runs ahead into a
+    # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(
+    final: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    plan: BatchPlan,
+    step: int,
+    rng_states: list[dict[str, Any]],
+) -> None:
+    """Rank 0: the temporary folder, its files, meta.json last, fsync, rename, prune."""
     tmp = final.with_name(TMP_PREFIX + final.name)
     remove_partial(cfg.run.output_dir)
     try:
@@ -168,7 +185,6 @@ def save_checkpoint(
             f"could not write checkpoint {str(final)!r}: {err.strerror or err}; the earlier checkpoints are kept"
         ) from None
     prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
-    return final
 
 
 def _write_files(

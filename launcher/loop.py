@@ -291,7 +291,6 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
             progress.close()
             metrics.close()
     if stopped:
-        acc.wait_for_everyone()  # rank 0 may still be writing the checkpoint
         return {"stopped": True, "step": records[-1]["step"]}
 
     peaks = gather_object(acc, peak_memory_bytes(acc.device))

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import set_seed
 
 from launcher import checkpoint, distributed
-from launcher.batching import SampleOrder, plan_batch
+from launcher.batching import BatchPlan, SampleOrder, plan_batch
 from launcher.config import Config, UserError, load_config
 from launcher.data import build_dataset
 from launcher.loop import NonFiniteError, StepContext, build_optimizer, run_loop
@@ -44,7 +44,7 @@ class StopSignals:
 
     Every rank records its own signal; the loop all-reduces the request with the step's other scalars, so
     all ranks checkpoint and stop after the same step even when the signals arrive at different times.
-    A second signal is recorded too, not fatal: Ctrl-C reaches each rank twice (terminal and launcher agent).
+    A second signal changes nothing, and is not fatal: Ctrl-C reaches each rank twice (terminal and agent).
     """
 
     def __init__(self) -> None:
@@ -117,18 +117,12 @@ def error_line(message: str, every_rank: bool = False) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def resume_point(cfg: Config) -> checkpoint.CheckpointInfo | None:
+def resume_point(cfg: Config, plan: BatchPlan) -> checkpoint.CheckpointInfo | None:
     """The checkpoint to resume, checked against this run before anything is written."""
     path = checkpoint.resolve_resume(cfg)
     if path is None:
         return None
     info = checkpoint.read_checkpoint(path)
-    plan = plan_batch(
-        cfg.batch.global_batch_size,
-        cfg.batch.micro_batch_size,
-        cfg.batch.accum_steps,
-        distributed.launched_world_size(),
-    )
     checkpoint.check_compatible(info, cfg, plan)
     return info
 
@@ -140,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         # Checks that need no process group run first, identically on every rank.
-        plan_batch(
+        plan = plan_batch(
             cfg.batch.global_batch_size,
             cfg.batch.micro_batch_size,
             cfg.batch.accum_steps,
             distributed.launched_world_size(),
         )
-        resume = resume_point(cfg)
+        resume = resume_point(cfg, plan)
         # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
         own = (
             resume is not None
