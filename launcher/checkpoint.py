@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,31 +136,6 @@ def save_checkpoint(
     rng_states = gather_object(accelerator, _rng_state())
     final = checkpoint_dir(cfg.run.output_dir) / step_name(step)
     if accelerator.is_main_process and not final.exists():
-        _write_checkpoint(final, accelerator, model, optimizer, cfg, plan, step, rng_states)
-    # The other ranks wait here rather than in the next collective: a rank that runs ahead into a
-    # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _write_checkpoint(
-    final: Path,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    plan: BatchPlan,
-    step: int,
-    rng_states: list[dict[str, Any]],
-) -> None:
-    """Rank 0: the temporary folder, its files, meta.json last, fsync, rename, prune."""
-    tmp = final.with_name(TMP_PREFIX + final.name)
-    remove_partial(cfg.run.output_dir)
-    try:
-        tmp.mkdir(parents=True)
-        _write_files(tmp, accelerator, model, optimizer, rng_states)
-        _pause_for_tests(step)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -172,8 +148,24 @@ def _write_checkpoint(
             "optimizer": cfg.optim.name,
             "seed": cfg.run.seed,
             "max_steps": cfg.run.max_steps,
-            "files": files,
         }
+        _write_checkpoint(final, meta, lambda folder: _write_files(folder, accelerator, model, optimizer, rng_states))
+        prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
+    # The other ranks wait here rather than in the next collective: a rank that runs ahead into a
+    # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(final: Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> None:
+    """Rank 0: a temporary folder, its files, meta.json (with every file's size) last, fsync, rename."""
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    remove_partial(final.parent.parent)
+    try:
+        tmp.mkdir(parents=True)
+        write_files(tmp)
+        _pause_for_tests(meta["step"])
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         # meta.json last: it lists the sizes that a later resume checks every file against.
         write_json_atomic(tmp / META, meta)
         _fsync(tmp)
@@ -184,7 +176,6 @@ def _write_checkpoint(
         raise CheckpointError(
             f"could not write checkpoint {str(final)!r}: {err.strerror or err}; the earlier checkpoints are kept"
         ) from None
-    prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
 
 
 def _write_files(
