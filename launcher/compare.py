@@ -73,6 +73,7 @@ class ModeConfig:
     expect: str = _field(
         EQUAL, "equal: must agree with the reference within tolerance; differ: a baseline", (EQUAL, DIFFER)
     )
+    baseline: bool = _field(False, "shown for contrast (costs more, or trains differently); expect=differ implies it")
     description: str = _field("", "one line for the report")
     overrides: dict[str, Any] = field(
         default_factory=dict,
@@ -476,6 +477,7 @@ def judge(
             "name": pm.name,
             "description": pm.mode.description,
             "expect": pm.mode.expect,
+            "baseline": pm.mode.baseline or pm.mode.expect == DIFFER,
             "is_reference": pm.name == ref_name,
             "num_processes": pm.mode.num_processes,
             "num_machines": pm.mode.num_machines,

@@ -60,7 +60,7 @@ def agreement_rows(result: dict[str, Any]) -> list[list[str]]:
             [
                 m["name"],
                 launch_of(m),
-                m["expect"],
+                m["expect"] + (", baseline" if m["baseline"] else ""),
                 sci(a.get("loss_max_abs_diff")),
                 sci(a.get("weights_max_abs_diff")),
                 sci(a.get("weights_rel_l2")),
@@ -122,6 +122,41 @@ def headline(result: dict[str, Any]) -> str:
     )
 
 
+def findings(result: dict[str, Any]) -> list[str]:
+    """The comparison in sentences: what syncing every micro-step costs against the same split with
+    no_sync, and how far each baseline expected to differ ended from the reference."""
+    lines = []
+    measured = [m for m in result["modes"] if m["cost"]]
+    for m in measured:
+        if m["sync"] != "every_step":
+            continue
+        twin = next(
+            (
+                n
+                for n in measured
+                if n["sync"] == "no_sync"
+                and n["plan"] == m["plan"]
+                and n["loss_normalization"] == m["loss_normalization"]
+            ),
+            None,
+        )
+        if twin and twin["cost"]["allreduce_bytes_per_step"]:
+            byte_ratio = m["cost"]["allreduce_bytes_per_step"] / twin["cost"]["allreduce_bytes_per_step"]
+            time_ratio = m["cost"]["median_step_time_s"] / twin["cost"]["median_step_time_s"]
+            lines.append(
+                f"{m['name']} (sync every micro-step) sends {byte_ratio:.1f}x the all-reduce bytes of {twin['name']} "
+                f"(no_sync) per optimizer step and takes {time_ratio:.2f}x its median step time"
+            )
+    for m in result["modes"]:
+        if m["expect"] == "differ" and m["agreement"]:
+            a = m["agreement"]
+            lines.append(
+                f"{m['name']} (expected to differ) ends {a['weights_rel_l2']:.2e} away from {result['reference']} "
+                f"(relative L2 of the weights); its loss is off by up to {a['loss_max_abs_diff']:.2e}"
+            )
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- terminal
 
 
@@ -167,6 +202,8 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
         _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
     )
     console.print(_table("cost (as measured by each run)", COST_HEADER, cost_rows(result)))
+    for line in findings(result):
+        console.print(f"- {line}", highlight=False)
     style = "green" if result["ok"] else "red"
     console.print(f"[{style}]{headline(result)}[/]  ->  {result['output_dir']}/report.md", highlight=False)
 
@@ -193,6 +230,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**{headline(result)}.**",
         "",
+        *[f"- {line}" for line in findings(result)],
+        "",
     ]
     if result["warnings"]:
         parts += ["## Preflight warnings", "", *[f"- {w}" for w in result["warnings"]], ""]
@@ -201,7 +240,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Read from each run's `model.safetensors` and `metrics.jsonl`: the largest per-step difference of the "
         "logged loss, and the final weights' largest absolute difference, relative L2 distance "
-        "(||w - w_ref|| / ||w_ref||) and cosine similarity.",
+        "(||w - w_ref|| / ||w_ref||) and cosine similarity. Launch: processes (p) x micro batch per process (mb) "
+        "x accumulation steps (K).",
         "",
         _md_table(AGREEMENT_HEADER, agreement_rows(result)),
         "",
@@ -243,16 +283,20 @@ def _pyplot():
 
 def plot_loss_curves(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 2))
-    for m in result["modes"]:
+    for i, m in enumerate(result["modes"]):
         if not m["losses"]:
             continue
         steps = range(1, len(m["losses"]) + 1)
-        style = "-" if m["expect"] == "equal" else "--"
-        top.plot(steps, m["losses"], style, label=f"{m['name']} ({m['expect']})", alpha=0.85)
+        # One color per mode in both panels; baselines dashed.
+        style = {"color": f"C{i}", "linestyle": "--" if m["baseline"] else "-"}
+        top.plot(steps, m["losses"], label=f"{m['name']} ({m['expect']})", alpha=0.85, **style)
         if m["agreement"] and not m["is_reference"]:
             deviation = [max(abs(d), ZERO_FLOOR) for d in m["agreement"]["loss_deviation"]]
-            bottom.plot(steps, deviation, style, marker=".", label=m["name"])
+            bottom.plot(steps, deviation, marker=".", label=m["name"], **style)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("loss")
     top.set_title(f"loss per optimizer step (reference: {result['reference']})")
     top.legend(fontsize="small")
@@ -271,7 +315,7 @@ def plot_cost(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     measured = [m for m in result["modes"] if m["cost"]]
     names = [m["name"] for m in measured]
-    colors = ["tab:blue" if m["expect"] == "equal" else "tab:gray" for m in measured]
+    colors = ["tab:gray" if m["baseline"] else "tab:blue" for m in measured]
     panels = [
         ("median optimizer-step time (ms)", [m["cost"]["median_step_time_s"] * 1000 for m in measured], "{:.1f}"),
         (

@@ -120,9 +120,9 @@ def test_cost_comes_from_each_summary(tiny):
     assert tiny["modes"]["ddp_accum_2x2"]["cost"]["step_time_ratio"] == 1.0
 
 
-def test_preflight_names_what_breaks_equivalence(tiny):
+def test_preflight_names_what_breaks_equivalence(tmp_path):
     # Nothing launches here: the warnings come from the configs (and the model built on the meta device).
-    config = write_config(tiny["out"].parent, MODES)
+    config = write_config(tmp_path, MODES)
     overrides = [
         "overrides.model.dropout=0.1",
         "modes.accum_1x4.overrides.optim.lr=0.9",
