@@ -84,8 +84,9 @@ class ModeConfig:
 @dataclass
 class ToleranceConfig:
     float64: float = _field(1e-10, "largest relative L2 distance of final weights that counts as equal, float64")
-    # 10 x the largest distance measured between float32 splits of the tiny LM (docs/float32_floor.md).
-    float32: float = _field(1e-4, "the same for float32 runs: a multiple of the measured floor")
+    # 10 x the largest distance measured between float32 splits of the tiny LM: 4.7e-6 over 3 seeds x 4
+    # splits, AdamW, 30 steps (docs/float32_floor.md). A real error is orders above: mean normalization ~1e-1.
+    float32: float = _field(5e-5, "the same for float32 runs: 10 x the measured floor (docs/float32_floor.md)")
 
 
 @dataclass
@@ -212,21 +213,28 @@ def _task(train: Config) -> str | None:
     return {"synthetic-lm": "lm", "synthetic-cls": "cls"}.get(train.data.name)
 
 
-def batch_norm_layers(train: Config) -> list[str]:
-    """Types of the BatchNorm layers in the model, built on the meta device (no memory, no weights read)."""
-    import torch
+def batch_norm_layers(model: Any) -> list[str]:
+    """Types of the BatchNorm layers (SyncBatchNorm included) among ``model``'s modules."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from launcher.models import BUILTIN_TASKS, build_model
-
-    with torch.device("meta"):
-        if train.model.name in BUILTIN_TASKS:
-            model = build_model(train.model, train.data.seq_len, torch.float32).model
-        else:
-            from transformers import AutoConfig, AutoModel
-
-            model = AutoModel.from_config(AutoConfig.from_pretrained(train.model.name.removeprefix("hf:")))
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)})
+
+
+def model_batch_norm(train: Config) -> list[str]:
+    """BatchNorm layers of the model a config names, without loading weights."""
+    from launcher.models import BUILTIN_TASKS
+
+    if train.model.name in BUILTIN_TASKS:
+        # The built-in tiny GPT-2 and BERT (models.py) normalize with LayerNorm only; building one just
+        # to look would cost the comparison seconds of transformers import before the first launch.
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):  # the module tree without memory or a weights download
+        return batch_norm_layers(
+            AutoModel.from_config(AutoConfig.from_pretrained(train.model.name.removeprefix("hf:")))
+        )
 
 
 def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]) -> list[str]:
@@ -266,8 +274,8 @@ def preflight(planned: list[PlannedMode], reference: PlannedMode) -> list[str]:
         key = json.dumps([dataclasses.asdict(pm.train.model), pm.train.data.seq_len])
         if key not in bn_cache:
             try:
-                bn_cache[key] = batch_norm_layers(pm.train)
-            except Exception as err:  # noqa: BLE001 - inspection is best effort; the run itself will report
+                bn_cache[key] = model_batch_norm(pm.train)
+            except Exception as err:  # inspection is best effort: a model that cannot load fails its run, reported
                 by_cause.setdefault(f"could not inspect the model for BatchNorm ({type(err).__name__})", []).append(
                     pm.name
                 )

@@ -121,7 +121,7 @@ def test_cost_comes_from_each_summary(tiny):
 
 
 def test_preflight_names_what_breaks_equivalence(tmp_path):
-    # Nothing launches here: the warnings come from the configs (and the model built on the meta device).
+    # Nothing launches here: the warnings come from the resolved configs alone.
     config = write_config(tmp_path, MODES)
     overrides = [
         "overrides.model.dropout=0.1",
@@ -137,6 +137,20 @@ def test_preflight_names_what_breaks_equivalence(tmp_path):
     assert "mean_1x4: batch.loss_normalization=mean with variable lengths" in warnings
     assert "accum_1x4: changes more than the split" in warnings and "optim.lr: 0.5 -> 0.9" in warnings
     assert "BatchNorm" not in warnings  # GPT-2 has none
+
+
+def test_preflight_names_batch_norm(tmp_path, monkeypatch):
+    from torch import nn
+
+    from launcher import compare as compare_module
+
+    assert compare_module.batch_norm_layers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) == ["BatchNorm1d"]
+    monkeypatch.setattr(compare_module, "model_batch_norm", lambda train: ["BatchNorm1d"])
+    planned = plan_modes(load_compare_config(write_config(tmp_path, MODES)))
+    warnings = preflight(planned, planned[0])
+    assert any(
+        w.startswith("all modes: BatchNorm (BatchNorm1d): statistics are taken per micro-batch") for w in warnings
+    )
 
 
 def test_a_mode_that_should_agree_but_does_not_fails_by_name(tiny):
