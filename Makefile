@@ -9,7 +9,7 @@ RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
 
 COMPARE ?= configs/compare/default.yaml
 
-.PHONY: setup run compare train test lint clean
+.PHONY: setup run compare train test lint bench clean
 
 setup: $(STAMP)
 
@@ -42,12 +42,16 @@ train: $(STAMP)
 	  --config configs/runs/tiny_lm.yaml run.overwrite=true $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check launcher tests
+	$(BIN)/ruff check launcher tests bench
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check launcher tests
-	$(BIN)/ruff format --check launcher tests
+	$(BIN)/ruff check launcher tests bench
+	$(BIN)/ruff format --check launcher tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Benchmarks (about 6 minutes on 2 cores): writes docs/benchmarks.{json,md} and docs/bench_*.png.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py

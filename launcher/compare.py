@@ -46,7 +46,7 @@ from launcher.config import (
     read_yaml,
     set_dotted,
 )
-from launcher.launch import launch_env, threads_per_device, train_command
+from launcher.launch import accelerate_command, launch_env, threads_per_device
 
 EQUAL, DIFFER = "equal", "differ"
 # Keys a mode may change and still be expected to train the same model: how the global batch is split,
@@ -342,13 +342,13 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: Any) -
     config_path = pm.run_dir / "launch_config.yaml"
     write_text_atomic(config_path, dump_config(pm.train))
     tmp_dir = Path(cfg.output_dir) / "tmp" / pm.name
-    env = launch_env(tmp_dir, threads)
+    env = launch_env(tmp_dir, threads, offline=False)  # a hub model or dataset loads where the network allows
     log = pm.run_dir / "train.log"
     started = time.perf_counter()
     progress.start(pm.name, pm.describe())
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            train_command(pm.plan.world_size, config_path),
+            [*accelerate_command(pm.plan.world_size), "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from launcher.compare import load_compare_config, plan_modes, preflight
-from tests.conftest import REPO, TINY_LM, launch_env, read_run, rel_l2
+from launcher.launch import REPO, launch_env
+from tests.conftest import TINY_LM, read_run, rel_l2
 
 K = 2  # micro-steps per optimizer step of the 2-process modes
 COMMON = {
@@ -53,7 +54,7 @@ def write_config(folder: Path, modes: dict, **extra) -> Path:
 
 def compare(folder: Path, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launcher.compare", "--config", str(config), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder), capture_output=True, text=True, timeout=400)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module")
