@@ -13,11 +13,19 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+
+def _bar(console: Console, label: str, clock: ProgressColumn) -> Progress:
+    """label | bar | done/total | the task's ``info`` field | a clock."""
+    return Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), clock, console=console
+    )
 
 
 class StepProgress:
@@ -27,14 +35,7 @@ class StepProgress:
         self.log_every_steps = log_every_steps
         self._progress: Progress | None = None
         if self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
+            self._progress = _bar(self.console, "[bold]train", TimeRemainingColumn())
             self._task = self._progress.add_task("train", total=total_steps, info="")
             self._progress.start()
 
@@ -88,14 +89,7 @@ class ModesProgress:
         self._tasks: dict[str, Any] = {}
         self._progress: Progress | None = None
         if self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]{task.fields[mode]:<16}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-            )
+            self._progress = _bar(self.console, "[bold]{task.fields[mode]:<16}", TimeElapsedColumn())
             for name, total in modes:
                 self._tasks[name] = self._progress.add_task(name, total=total, mode=name, info="[dim]waiting")
             self._progress.start()
@@ -115,7 +109,10 @@ class ModesProgress:
     def finish(self, name: str, ok: bool, detail: str, log_tail: list[str] = ()) -> None:
         mark = "[green]done" if ok else "[red]FAILED"
         if self._progress is not None:
-            self._progress.update(self._tasks[name], info=f"{mark}[/]: {detail}")
+            task = self._tasks[name]
+            # The last step may land between two looks at metrics.jsonl: a finished run shows all of them.
+            done = self._progress.tasks[task].total if ok else self._progress.tasks[task].completed
+            self._progress.update(task, completed=done, info=f"{mark}[/]: {detail}")
             self._progress.stop_task(self._tasks[name])
         else:
             self._say(f"mode {name}: {'done' if ok else 'FAILED'} ({detail})")
