@@ -302,11 +302,22 @@ class ModeOutcome:
     def ok(self) -> bool:
         return self.returncode == 0
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+    def log_lines(self) -> list[str]:
         try:
-            return self.log.read_text(errors="replace").splitlines()[-lines:]
+            return self.log.read_text(errors="replace").splitlines()
         except OSError:
             return []
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        return self.log_lines()[-lines:]
+
+    def reason(self) -> str:
+        """Why the launch failed, in one line: the trainer's own ``error:`` line when it printed one (the
+        launcher's traceback that follows it says only that a child failed)."""
+        if self.returncode is None:
+            return "stopped at the timeout"
+        errors = [line.removeprefix("error: ") for line in self.log_lines() if line.startswith("error: ")]
+        return f"exited {self.returncode}" + (f": {errors[-1]}" if errors else "")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -510,11 +521,7 @@ def judge(
             "cost": None,
         }
         if not run:
-            entry["error"] = read_errors.get(pm.name) or (
-                f"stopped after timeout_s={cfg.timeout_s:g}"
-                if outcome.returncode is None
-                else f"exited {outcome.returncode}"
-            )
+            entry["error"] = read_errors.get(pm.name) or outcome.reason()
             entry["log_tail"] = outcome.log_tail()
             entry["verdict"], entry["ok"] = "failed", False
         else:
@@ -637,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         for pm in planned:
             outcome = run_mode(pm, cfg, threads, progress)
             outcomes[pm.name] = outcome
-            detail = f"{outcome.launch_wall_s:.1f} s" if outcome.ok else f"exit {outcome.returncode}"
+            detail = f"{outcome.launch_wall_s:.1f} s" if outcome.ok else outcome.reason()
             progress.finish(pm.name, outcome.ok, detail, [] if outcome.ok else outcome.log_tail())
     finally:
         progress.close()
