@@ -244,10 +244,11 @@ def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]
     if train.precision != "no":
         why.append(f"precision={train.precision}: low-precision rounding differs with the micro-batch split")
     if train.batch.loss_normalization == "mean":
-        task = _task(train)
-        from_file = train.data.name not in ("synthetic-lm", "synthetic-cls")
-        short_window = train.data.num_samples % pm.plan.global_batch_size != 0
-        if task != "cls" or from_file:
+        # A classifier's items are samples, equal per micro-batch but in an epoch's short last window; an LM's
+        # are tokens, which vary with every sequence length (and an hf: model of unknown task may be an LM).
+        # num_samples=0 takes every row of a file: the window sizes are unknown until it is read.
+        short_window = train.data.num_samples == 0 or train.data.num_samples % pm.plan.global_batch_size != 0
+        if _task(train) != "cls":
             why.append(
                 "batch.loss_normalization=mean with variable lengths: a mean per micro-batch weighs tokens "
                 "unequally when micro-batches hold different token counts"
