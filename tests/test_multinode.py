@@ -1,0 +1,192 @@
+"""Two machines on one host: network namespaces joined by a veth pair, one `accelerate launch` each.
+
+Machine 0 is 10.77.0.1 and machine 1 is 10.77.0.2, addresses that exist only inside the test's own
+namespaces; gloo is pinned to the veth by GLOO_SOCKET_IFNAME (DESIGN.md trap 9). Each machine runs
+one process, so the job has the same world size as the 1-machine, 2-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ACCELERATE, REPO, TINY_LM, TRAIN, launch_env, read_run, rel_l2, run_ok
+
+ADDRS = ("10.77.0.1", "10.77.0.2")
+PORT = 29555  # free by construction: the namespaces are new
+EQUIVALENCE = (
+    "run.dtype=float64",
+    "model.dropout=0.0",
+    "optim.name=sgd",
+    "optim.lr=0.5",
+    "optim.grad_clip=0",
+    "data.num_samples=40",
+    "run.max_steps=6",
+    "batch.global_batch_size=16",
+    "batch.micro_batch_size=4",
+    "batch.accum_steps=null",
+)
+
+
+@dataclass
+class Host:
+    netns: str
+    dev: str
+    addr: str
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    """Two namespaces joined by a veth pair; always removed, even when the test fails."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    tag = f"mn{os.getpid() % 100000}"  # unique per test process: other sessions may run the same test
+    pair = [Host(f"{tag}h{i}", f"{tag}v{i}", addr) for i, addr in enumerate(ADDRS)]
+    created: list[str] = []
+    try:
+        for host in pair:
+            try:
+                ip("netns", "add", host.netns)
+            except subprocess.CalledProcessError as err:
+                pytest.skip(f"cannot create a network namespace: {err.stderr.strip()}")
+            created.append(host.netns)
+            # `ip netns exec` mounts these over /etc: no DNS server is reachable from inside, and a
+            # lookup that waits for one costs seconds per rendezvous connection.
+            etc = Path("/etc/netns") / host.netns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text("options timeout:1 attempts:1\n")
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{h.addr} {h.netns}\n" for h in pair))
+        ip("link", "add", pair[0].dev, "type", "veth", "peer", "name", pair[1].dev)
+        for host in pair:
+            ip("link", "set", host.dev, "netns", host.netns)
+            ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.dev)
+            ip("-n", host.netns, "link", "set", host.dev, "up")
+            ip("-n", host.netns, "link", "set", "lo", "up")
+        yield pair
+    finally:
+        for netns in created:  # deleting a namespace deletes its end of the veth, and so the pair
+            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+
+
+def start_machine(tmp_path: Path, host: Host, rank: int, *overrides: str) -> subprocess.Popen:
+    """`accelerate launch` machine ``rank`` of 2 inside ``host``'s namespace, one process on it."""
+    env = {**launch_env(tmp_path), "GLOO_SOCKET_IFNAME": host.dev}
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        host.netns,
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        ADDRS[0],
+        "--main_process_port",
+        str(PORT),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        TRAIN,
+        "--config",
+        TINY_LM,
+        *overrides,
+    ]
+    log = (tmp_path / f"machine{rank}.log").open("w")
+    # Own session: the teardown can kill the whole tree if the test fails half-way.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Return codes of all machines; kill every process group still running after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return codes
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (the run's unique output folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+def test_two_machines_match_one_machine(tmp_path, hosts):
+    out = tmp_path / "two_machines"
+    started = time.monotonic()
+    procs = [
+        start_machine(tmp_path, host, rank, f"run.output_dir={out}", *EQUIVALENCE) for rank, host in enumerate(hosts)
+    ]
+    codes = finish(procs, timeout_s=240)
+    elapsed = time.monotonic() - started
+    logs = "\n".join((tmp_path / f"machine{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], f"machines exited {codes}\n{logs}"
+    print(f"two-machine run: {elapsed:.1f} s")
+
+    two = read_run(out)
+    one = read_run(run_ok(tmp_path, 2, "one_machine", *EQUIVALENCE))
+    assert two["summary"]["world_size"] == 2 and two["summary"]["backend"] == "gloo"
+    distance = rel_l2(two["weights"], one["weights"])
+    assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 machine"
+
+
+def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
+    timeout_s = 20
+    out = tmp_path / "cut"
+    procs = [
+        start_machine(
+            tmp_path, host, rank, f"run.output_dir={out}", "run.max_steps=100000", f"run.dist_timeout_s={timeout_s}"
+        )
+        for rank, host in enumerate(hosts)
+    ]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert all(p.poll() is None for p in procs), "a machine exited before the link was cut"
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    ip("-n", hosts[1].netns, "link", "delete", hosts[1].dev)  # the cable is pulled
+    cut = time.monotonic()
+    codes = finish(procs, timeout_s=timeout_s + 60)
+    to_failure = time.monotonic() - cut
+    print(f"link cut -> both machines exited in {to_failure:.1f} s")
+    logs = [(tmp_path / f"machine{r}.log").read_text() for r in range(2)]
+    assert all(c is not None and c > 0 for c in codes), f"exit codes {codes}\n{logs[0][-3000:]}\n{logs[1][-3000:]}"
+    assert to_failure <= timeout_s + 30, f"failed {to_failure:.1f} s after the cut"
+    for log in logs:
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert errors and "run.dist_timeout_s" in errors[0], log[-3000:]
+    assert processes_mentioning(str(out)) == []
