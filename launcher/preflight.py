@@ -80,6 +80,18 @@ def check_reachable(addr: str, port: int, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def check_port_free(port: int) -> None:
+    """Machine 0 hosts the rendezvous: a taken port otherwise surfaces as a traceback from the launcher."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            raise LaunchError(
+                f"MASTER_PORT={port} is taken on this machine (rank 0 hosts the rendezvous there): {err.strerror}; "
+                "choose another --main_process_port / MASTER_PORT"
+            ) from None
+
+
 def check_launch(launch: Launch, expected_world_size: int, env: Mapping[str, str], connect_timeout_s: float) -> None:
     """All checks, cheapest first; raises LaunchError on the first failure."""
     interfaces = network_interfaces()
@@ -125,8 +137,11 @@ def launch_from_node_env(env: Mapping[str, str]) -> Launch:
 def main() -> int:
     """``python -m launcher.preflight``: check this node before ``accelerate launch``; exit 2 on a problem."""
     timeout_s = float(os.environ.get("PREFLIGHT_TIMEOUT_S", "60"))
+    launch = launch_from_node_env(os.environ)
     try:
-        check_launch(launch_from_node_env(os.environ), 0, os.environ, timeout_s)
+        check_launch(launch, 0, os.environ, timeout_s)
+        if launch.machine_rank == 0 and launch.num_machines > 1:
+            check_port_free(launch.master_port)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ACCELERATE, REPO, TINY_LM, TRAIN, launch_env, read_run, rel_l2, run_ok
+from tests.test_errors import assert_one_clear_line
 
 ADDRS = ("10.77.0.1", "10.77.0.2")
 PORT = 29555  # free by construction: the namespaces are new
@@ -190,3 +193,68 @@ def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
         errors = [line for line in log.splitlines() if line.startswith("error: ")]
         assert errors and "run.dist_timeout_s" in errors[0], log[-3000:]
     assert processes_mentioning(str(out)) == []
+
+
+# The preflight: each mistake is one line and a non-zero exit, before any process group forms.
+
+
+def preflight(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m launcher.preflight` as a node script runs it, before `accelerate launch`."""
+    full = {**launch_env(tmp_path), "PREFLIGHT_TIMEOUT_S": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.preflight"], cwd=REPO, env=full, capture_output=True, text=True, timeout=60
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GLOO_SOCKET_IFNAME": "nosuch0"}, ("GLOO_SOCKET_IFNAME=nosuch0", "no network interface", "lo")),
+        ({"NCCL_SOCKET_IFNAME": "=nosuch0"}, ("NCCL_SOCKET_IFNAME==nosuch0", "no network interface")),
+        ({"NNODES": "2", "NODE_RANK": "2"}, ("machine rank 2", "out of range", "0..1")),
+        (
+            {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "CLOSED"},
+            ("127.0.0.1:CLOSED", "not reachable", "after 1 s"),
+        ),
+    ],
+    ids=["gloo_ifname", "nccl_ifname", "machine_rank", "unreachable"],
+)
+def test_preflight_names_the_problem(tmp_path, env, words):
+    port = str(closed_port())
+    proc = preflight(tmp_path, **{k: v.replace("CLOSED", port) for k, v in env.items()})
+    assert_one_clear_line(proc, tuple(w.replace("CLOSED", port) for w in words))
+
+
+def test_preflight_reports_a_taken_port_on_machine_0(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    assert_one_clear_line(proc, (f"MASTER_PORT={port} is taken",))
+
+
+def test_preflight_passes_a_good_launch(tmp_path):
+    assert preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port())).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "env", "words"),
+    [
+        ("run.expected_world_size=2", {}, ("1 processes", "run.expected_world_size=2")),
+        ("run.max_steps=1", {"GLOO_SOCKET_IFNAME": "nosuch0"}, ("GLOO_SOCKET_IFNAME=nosuch0",)),
+    ],
+    ids=["world_size", "ifname"],
+)
+def test_trainer_runs_the_preflight(tmp_path, override, env, words):
+    cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", override]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**launch_env(tmp_path), **env}, capture_output=True, text=True, timeout=120
+    )
+    assert_one_clear_line(proc, words)
