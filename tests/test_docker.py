@@ -107,29 +107,18 @@ def test_entrypoint_processes_follow_the_visible_gpus(tmp_path, gpus, env, expec
     assert entrypoint_argv(tmp_path, gpus, **env) == expected
 
 
+def multi_node_argv(num_processes: int, port: int, machine_rank: int, addr: str) -> list[str]:
+    """What a node of a 2-node job runs; num_processes counts all machines (accelerate's convention)."""
+    return [
+        *"launch --num_machines 2 --mixed_precision no --dynamo_backend no --multi_gpu".split(),
+        *f"--num_processes {num_processes} --main_process_port {port} --machine_rank {machine_rank}".split(),
+        *f"--main_process_ip {addr} --rdzv_backend static".split(),
+    ]
+
+
 def test_entrypoint_two_nodes(tmp_path):
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29501"}
-    assert entrypoint_argv(tmp_path, 8, **env) == [
-        "launch",
-        "--num_machines",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--multi_gpu",
-        "--num_processes",
-        "16",
-        "--main_process_port",
-        "29501",  # 16: accelerate counts all machines
-        "--machine_rank",
-        "1",
-        "--main_process_ip",
-        "10.1.2.3",
-        "--rdzv_backend",
-        "static",
-        *TRAIN_ARGS,
-    ]
+    assert entrypoint_argv(tmp_path, 8, **env) == [*multi_node_argv(16, 29501, 1, "10.1.2.3"), *TRAIN_ARGS]
     assert (tmp_path / "python.log").read_text().splitlines() == ["-m launcher.preflight"]
 
 
