@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ACCELERATE_CPU := --multi_gpu --num_processes 2 --num_machines 1 --main_process_port 0 --mixed_precision no --dynamo_backend no
 RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
 
-.PHONY: setup run train test lint clean
+.PHONY: setup run test lint bench clean
 
 setup: $(STAMP)
 
@@ -31,12 +31,16 @@ run: $(STAMP)
 	  --config configs/runs/tiny_lm.yaml run.overwrite=true
 
 test: $(STAMP)
-	$(BIN)/ruff check launcher tests
+	$(BIN)/ruff check launcher tests bench
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check launcher tests
-	$(BIN)/ruff format --check launcher tests
+	$(BIN)/ruff check launcher tests bench
+	$(BIN)/ruff format --check launcher tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Benchmarks (about 6 minutes on 2 cores): writes docs/benchmarks.{json,md} and docs/bench_*.png.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py

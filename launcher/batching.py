@@ -52,21 +52,20 @@ def plan_batch(
         )
     if global_batch_size is None:
         return BatchPlan(world_size, micro_batch_size, accum_steps)
-    if micro_batch_size is None:
-        micro_batch_size, rest = divmod(global_batch_size, accum_steps * world_size)
-        if rest or micro_batch_size == 0:
+    if micro_batch_size is None or accum_steps is None:
+        known_key, known = (
+            ("batch.accum_steps", accum_steps)
+            if micro_batch_size is None
+            else ("batch.micro_batch_size", micro_batch_size)
+        )
+        derived, rest = divmod(global_batch_size, known * world_size)
+        if rest or derived == 0:
             raise ConfigError(
-                f"batch.global_batch_size={global_batch_size} is not divisible by batch.accum_steps={accum_steps}"
-                f" x world_size={world_size}; choose a global batch that is a multiple of {accum_steps * world_size}"
+                f"batch.global_batch_size={global_batch_size} is not divisible by {known_key}={known} x "
+                f"world_size={world_size}; choose a global batch that is a multiple of {known * world_size}"
             )
-    elif accum_steps is None:
-        accum_steps, rest = divmod(global_batch_size, micro_batch_size * world_size)
-        if rest or accum_steps == 0:
-            raise ConfigError(
-                f"batch.global_batch_size={global_batch_size} is not divisible by batch.micro_batch_size="
-                f"{micro_batch_size} x world_size={world_size}; choose a global batch that is a multiple of "
-                f"{micro_batch_size * world_size}, or another micro batch"
-            )
+        micro_batch_size = micro_batch_size or derived
+        accum_steps = accum_steps or derived
     plan = BatchPlan(world_size, micro_batch_size, accum_steps)
     if plan.global_batch_size != global_batch_size:
         raise ConfigError(

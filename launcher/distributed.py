@@ -49,12 +49,16 @@ def init_accelerator(cfg: Config) -> Accelerator:
     use_cpu = not torch.cuda.is_available()
     if cfg.precision == "fp16" and use_cpu:
         raise ConfigError("precision='fp16' needs a CUDA device; on CPU use precision=bf16 or precision=no")
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=cfg.precision,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout_s))],
-    )
     launched = launched_world_size()
+    try:
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=cfg.precision,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout_s))],
+        )
+    except (ValueError, RuntimeError) as err:  # a half-set launch environment: say what is missing, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LaunchError(f"could not form the process group for WORLD_SIZE={launched}: {first}") from None
     formed = dist.get_world_size() if dist.is_initialized() else 1
     if launched != formed or accelerator.num_processes != formed:
         raise LaunchError(

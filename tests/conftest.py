@@ -4,40 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from launcher.launch import REPO, accelerate_command, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TRAIN = "launcher/train.py"
 TINY_LM = "configs/runs/tiny_lm.yaml"
 
 
-def launch_env(tmp_path: Path) -> dict[str, str]:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    # One thread per process on 2 cores; loopback for gloo; torchelastic's leftovers in the test's temp dir.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
-            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def accelerate_cmd(nproc: int) -> list[str]:
-    cmd = [ACCELERATE, "launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if nproc > 1:
-        cmd += ["--multi_gpu", "--main_process_port", "0"]
-    return cmd
-
-
-def launch(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY_LM,
-           timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    tmp_path: Path, nproc: int, *overrides: str, config: str = TINY_LM, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`accelerate launch` the trainer with ``nproc`` processes; returns the finished process."""
-    cmd = [*accelerate_cmd(nproc), TRAIN, "--config", config, *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    cmd = [*accelerate_command(nproc), "--config", config, *overrides]
+    return subprocess.run(
+        cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> Path:
@@ -65,8 +48,3 @@ def rel_l2(a: dict, b: dict) -> float:
     diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
     norm = sum(float((b[k].double() ** 2).sum()) for k in b)
     return math.sqrt(diff / norm)
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return launch_env(tmp_path)

@@ -62,8 +62,9 @@ def test_every_split_trains_the_same_samples_per_step(world, accum):
 def test_overrides_and_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  max_steps: 3\noptim:\n  lr: 0.5\n")
-    cfg = load_config(path, ["optim.lr=1e-3", "batch.global_batch_size=8", "batch.micro_batch_size=2",
-                             "run.overwrite=true"])
+    cfg = load_config(
+        path, ["optim.lr=1e-3", "batch.global_batch_size=8", "batch.micro_batch_size=2", "run.overwrite=true"]
+    )
     assert cfg.run.max_steps == 3
     assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.batch.global_batch_size == 8 and cfg.run.overwrite is True

@@ -27,10 +27,10 @@ def save_tiny_pretrained_lm(folder) -> None:
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<eos>")
-    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                        pad_token_id=0, eos_token_id=2)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    config = GPT2Config(
+        vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0, eos_token_id=2
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -39,9 +39,19 @@ def test_csv_classification_under_two_processes(tmp_path):
     csv = tmp_path / "train.csv"
     rows = ["sentence,sentiment"] + [f"{make_text(i, 3 + i % 9)},{'pos' if i % 2 else 'neg'}" for i in range(48)]
     csv.write_text("\n".join(rows) + "\n")
-    out = run_ok(tmp_path, 2, "cls", "model.name=tiny-bert", f"data.name={csv}", "data.text_column=sentence",
-                 "data.label_column=sentiment", "data.num_samples=0", "run.max_steps=4",
-                 "batch.global_batch_size=8", "batch.micro_batch_size=2")
+    out = run_ok(
+        tmp_path,
+        2,
+        "cls",
+        "model.name=tiny-bert",
+        f"data.name={csv}",
+        "data.text_column=sentence",
+        "data.label_column=sentiment",
+        "data.num_samples=0",
+        "run.max_steps=4",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=2",
+    )
     run = read_run(out)
     assert run["summary"]["task"] == "cls" and run["summary"]["world_size"] == 2
     assert run["summary"]["accum_steps"] == 2
@@ -54,8 +64,17 @@ def test_pretrained_local_folder_trains_offline_on_jsonl(tmp_path):
     save_tiny_pretrained_lm(folder)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"body": make_text(i, 4 + i % 11)}) + "\n" for i in range(40)))
-    out = run_ok(tmp_path, 1, "hf", f"model.name=hf:{folder}", f"data.name={data}", "data.text_column=body",
-                 "run.max_steps=3", "batch.global_batch_size=8", "batch.micro_batch_size=4")
+    out = run_ok(
+        tmp_path,
+        1,
+        "hf",
+        f"model.name=hf:{folder}",
+        f"data.name={data}",
+        "data.text_column=body",
+        "run.max_steps=3",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+    )
     run = read_run(out)
     assert run["summary"]["task"] == "lm" and run["summary"]["accum_steps"] == 2
     assert len(run["metrics"]) == 3

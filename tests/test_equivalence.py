@@ -13,18 +13,26 @@ from tests.conftest import read_run, rel_l2, run_ok
 STEPS = 6
 # 40 samples at global batch 16: windows of 16, 16, 8 per epoch, so short last windows are in the test.
 COMMON = (
-    "run.dtype=float64", "model.dropout=0.0", "optim.name=sgd", "optim.lr=0.5", "optim.schedule=cosine",
-    "optim.warmup_steps=2", "optim.grad_clip=0", "data.num_samples=40", f"run.max_steps={STEPS}",
-    "batch.global_batch_size=16", "batch.accum_steps=null",
+    "run.dtype=float64",
+    "model.dropout=0.0",
+    "optim.name=sgd",
+    "optim.lr=0.5",
+    "optim.schedule=cosine",
+    "optim.warmup_steps=2",
+    "optim.grad_clip=0",
+    "data.num_samples=40",
+    f"run.max_steps={STEPS}",
+    "batch.global_batch_size=16",
+    "batch.accum_steps=null",
 )
 
 # name: (processes, extra overrides)
 RUNS = {
-    "full_batch": (1, ("batch.micro_batch_size=16",)),           # 1 x K=1, the reference
-    "accum_1x4": (1, ("batch.micro_batch_size=4",)),             # 1 x K=4
-    "ddp_accum_2x2": (2, ("batch.micro_batch_size=4",)),         # 2 x K=2
-    "ddp_2x1": (2, ("batch.micro_batch_size=8",)),               # 2 x K=1
-    "ddp_accum_2x4": (2, ("batch.micro_batch_size=2",)),         # 2 x K=4, no_sync
+    "full_batch": (1, ("batch.micro_batch_size=16",)),  # 1 x K=1, the reference
+    "accum_1x4": (1, ("batch.micro_batch_size=4",)),  # 1 x K=4
+    "ddp_accum_2x2": (2, ("batch.micro_batch_size=4",)),  # 2 x K=2
+    "ddp_2x1": (2, ("batch.micro_batch_size=8",)),  # 2 x K=1
+    "ddp_accum_2x4": (2, ("batch.micro_batch_size=2",)),  # 2 x K=4, no_sync
     "every_step_2x4": (2, ("batch.micro_batch_size=2", "batch.sync=every_step")),
     "mean_1x4": (1, ("batch.micro_batch_size=4", "batch.loss_normalization=mean")),
 }
@@ -61,12 +69,21 @@ def test_mean_normalization_differs_from_full_batch(runs):
 
 
 def test_plan_is_derived_from_the_launch(runs):
-    expected = {"full_batch": (1, 16, 1), "accum_1x4": (1, 4, 4), "ddp_accum_2x2": (2, 4, 2), "ddp_2x1": (2, 8, 1),
-                "ddp_accum_2x4": (2, 2, 4)}
+    expected = {
+        "full_batch": (1, 16, 1),
+        "accum_1x4": (1, 4, 4),
+        "ddp_accum_2x2": (2, 4, 2),
+        "ddp_2x1": (2, 8, 1),
+        "ddp_accum_2x4": (2, 2, 4),
+    }
     for name, (world, micro, accum) in expected.items():
         s = runs[name]["summary"]
         assert (s["world_size"], s["micro_batch_size"], s["accum_steps"], s["global_batch_size"]) == (
-            world, micro, accum, 16), name
+            world,
+            micro,
+            accum,
+            16,
+        ), name
 
 
 def test_two_cpu_processes_form_a_real_gloo_group(runs):
@@ -94,8 +111,17 @@ def test_single_process_sends_nothing(runs):
 def test_metrics_have_one_line_per_step(runs):
     for run in runs.values():
         assert [m["step"] for m in run["metrics"]] == list(range(1, STEPS + 1))
-    keys = {"step", "loss", "lr", "grad_norm", "items", "step_time_s", "sync_rounds", "allreduce_bytes",
-            "peak_mem_bytes"}
+    keys = {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "items",
+        "step_time_s",
+        "sync_rounds",
+        "allreduce_bytes",
+        "peak_mem_bytes",
+    }
     assert keys <= runs["ddp_accum_2x2"]["metrics"][0].keys()
     # The short last window of each epoch (40 = 16 + 16 + 8) is trained with its real size.
     assert [m["samples"] for m in runs["full_batch"]["metrics"]] == [16, 16, 8, 16, 16, 8]

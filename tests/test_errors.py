@@ -7,17 +7,26 @@ import sys
 
 import pytest
 
+from launcher.launch import launch_env
 from tests.conftest import REPO, TINY_LM, TRAIN, launch, run_ok
 
 CASES = {
     # overrides: words the one error line must contain
-    "non_divisible": (("batch.global_batch_size=10", "batch.micro_batch_size=4"),
-                      ("batch.global_batch_size=10", "not divisible", "batch.micro_batch_size=4")),
+    "non_divisible": (
+        ("batch.global_batch_size=10", "batch.micro_batch_size=4"),
+        ("batch.global_batch_size=10", "not divisible", "batch.micro_batch_size=4"),
+    ),
     "unknown_key": (("optim.learning_rate=0.1",), ("optim.learning_rate", "unknown key", "lr")),
     "unknown_section": (("trainer.steps=3",), ("trainer", "unknown key")),
     "wrong_type": (("run.max_steps=ten",), ("run.max_steps", "'ten'", "int")),
-    "missing_file": (("model.name=tiny-bert", "data.name=/nonexistent/train.csv"),
-                     ("data.name", "/nonexistent/train.csv", "no such file")),
+    "missing_file": (
+        ("model.name=tiny-bert", "data.name=/nonexistent/train.csv"),
+        ("data.name", "/nonexistent/train.csv", "no such file"),
+    ),
+    "hub_dataset_offline": (
+        ("model.name=tiny-bert", "data.name=hf:nobody/no-such-dataset"),
+        ("data.name='hf:nobody/no-such-dataset'", "could not be loaded"),
+    ),
     "negative_lr": (("optim.lr=-0.1",), ("optim.lr", "-0.1", ">= 0")),
     "bad_choice": (("batch.sync=sometimes",), ("batch.sync", "sometimes", "no_sync, every_step")),
     "two_of_three": (("batch.global_batch_size=null", "batch.accum_steps=null"), ("set two of",)),
@@ -26,7 +35,7 @@ CASES = {
 
 def train_directly(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120)
 
 
 def assert_one_clear_line(proc: subprocess.CompletedProcess, words: tuple[str, ...]) -> None:
@@ -47,8 +56,13 @@ def test_bad_input_gets_one_clear_line(tmp_path, case):
 
 
 def test_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_clear_line(proc, ("configs/runs/nope.yaml", "no such file"))
 
 
@@ -68,3 +82,18 @@ def test_finished_run_is_not_overwritten(tmp_path):
     proc = train_directly(tmp_path, f"run.output_dir={out}", "run.max_steps=3")
     assert_one_clear_line(proc, ("run.output_dir", "already holds a run", "run.overwrite=true"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_half_set_launch_environment(tmp_path):
+    # WORLD_SIZE without the rest of a launcher's environment: refuse in one line instead of training alone.
+    env = {**launch_env(tmp_path / "tmp"), "WORLD_SIZE": "2"}
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_clear_line(proc, ("WORLD_SIZE=2", "MASTER_ADDR"))
+    assert "Traceback" not in proc.stderr
