@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ACCELERATE, REPO, TINY_LM, TRAIN, launch_env, read_run, rel_l2, run_ok
+from launcher.launch import REPO, launch_env
+from tests.conftest import TINY_LM, TRAIN, read_run, rel_l2, run_ok
 from tests.test_errors import assert_one_clear_line
 
 ADDRS = ("10.77.0.1", "10.77.0.2")
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 PORT = 29555  # free by construction: the namespaces are new
 EQUIVALENCE = (
     "run.dtype=float64",
@@ -131,7 +133,7 @@ def accelerate_launch(rank: int, rdzv: str) -> list[str]:
 
 def start_machine(tmp_path: Path, host: Host, rank: int, cmd: list[str], **env: str) -> subprocess.Popen:
     """Start machine ``rank``'s launch; its output goes to tmp_path/machine<rank>.log."""
-    full = {**launch_env(tmp_path), "GLOO_SOCKET_IFNAME": host.dev, **env}
+    full = {**launch_env(tmp_path / "tmp"), "GLOO_SOCKET_IFNAME": host.dev, **env}
     log = (tmp_path / f"machine{rank}.log").open("w")
     # Own session: the teardown can kill the whole tree if the test fails half-way.
     return subprocess.Popen(
@@ -238,7 +240,7 @@ def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
 
 def preflight(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """`python -m launcher.preflight` as a node script runs it, before `accelerate launch`."""
-    full = {**launch_env(tmp_path), "PREFLIGHT_TIMEOUT_S": "1", **env}
+    full = {**launch_env(tmp_path / "tmp"), "PREFLIGHT_TIMEOUT_S": "1", **env}
     return subprocess.run(
         [sys.executable, "-m", "launcher.preflight"], cwd=REPO, env=full, capture_output=True, text=True, timeout=60
     )
@@ -293,6 +295,6 @@ def test_preflight_passes_a_good_launch(tmp_path):
 def test_trainer_runs_the_preflight(tmp_path, override, env, words):
     cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", override]
     proc = subprocess.run(
-        cmd, cwd=REPO, env={**launch_env(tmp_path), **env}, capture_output=True, text=True, timeout=120
+        cmd, cwd=REPO, env={**launch_env(tmp_path / "tmp"), **env}, capture_output=True, text=True, timeout=120
     )
     assert_one_clear_line(proc, words)
