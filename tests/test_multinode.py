@@ -202,7 +202,7 @@ def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
     out = tmp_path / "cut"
     # Through the image's entrypoint: NNODES/NODE_RANK/MASTER_* from the environment, its preflight.
     # Static rendezvous: under c10d the workers fail as fast with the same line, but torchrun's agents
-    # then wait on the lost rendezvous store for minutes (measured: still alive 80 s after the cut).
+    # then wait on the lost rendezvous store (measured: still alive 80 s after the cut).
     train = ["--config", TINY_LM, f"run.output_dir={out}", "run.max_steps=100000", f"run.dist_timeout_s={timeout_s}"]
     node_env = {
         "NNODES": "2",
