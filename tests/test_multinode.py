@@ -177,8 +177,8 @@ def one_machine(tmp_path_factory) -> dict:
     return read_run(run_ok(root, 2, "one_machine", *EQUIVALENCE))
 
 
-def test_two_machines_match_one_machine(tmp_path, hosts, one_machine):
-    rdzv = "static"  # c10d was checked by hand (README): one more launch is 30 s of test time
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_two_machines_match_one_machine(tmp_path, hosts, one_machine, rdzv):
     out = tmp_path / "two_machines"
     train = ["--config", TINY_LM, f"run.output_dir={out}", *EQUIVALENCE]
     started = time.monotonic()
