@@ -41,6 +41,7 @@ class RunConfig:
     log_every_steps: int = _field(1, "plain-text log line every N optimizer steps when not on a terminal")
     overwrite: bool = _field(False, "allow writing into an output_dir that already holds a finished run")
     dist_timeout_s: float = _field(600.0, "collective timeout in seconds: a hung rank fails the job after this")
+    expected_world_size: int = _field(0, "refuse to start unless the launch has this many processes (0 = any)")
 
 
 @dataclass
@@ -215,6 +216,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.run.max_steps >= 1, "run.max_steps", cfg.run.max_steps, "must be >= 1")
     _check(cfg.run.log_every_steps >= 1, "run.log_every_steps", cfg.run.log_every_steps, "must be >= 1")
     _check(cfg.run.dist_timeout_s > 0, "run.dist_timeout_s", cfg.run.dist_timeout_s, "must be > 0")
+    _check(cfg.run.expected_world_size >= 0, "run.expected_world_size", cfg.run.expected_world_size, "must be >= 0")
     _check(bool(cfg.run.output_dir), "run.output_dir", cfg.run.output_dir, "must name a folder")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
     for key in ("hidden_size", "num_layers", "num_heads"):

@@ -82,15 +82,22 @@ def main(argv: list[str] | None = None) -> int:
             distributed.launched_world_size(),
         )
         check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite)
+        distributed.preflight(cfg)
         accelerator = distributed.init_accelerator(cfg)
         ctx = build(cfg, accelerator)
         if accelerator.is_main_process:
             print(describe_plan(ctx), flush=True)
         run_loop(ctx)
     except UserError as err:
-        if distributed.env_rank() == 0:
+        if distributed.local_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:
+        message = distributed.comm_failure_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 3
     finally:
         distributed.shutdown()
     return 0
