@@ -59,6 +59,7 @@ SPLIT_KEYS = frozenset(
         "run.output_dir",
         "run.overwrite",
         "run.log_every_steps",
+        "run.expected_world_size",
     }
 )
 OUTPUT_FILES = ("compare.json", "report.md", "loss_curves.png", "cost.png")
@@ -189,6 +190,8 @@ def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
             # compare owns the mode folders (it clears them before each launch).
             set_dotted(data, ["run", "output_dir"], str(modes_dir / name))
             set_dotted(data, ["run", "overwrite"], True)
+            # A launch that gives another world size (a wrong accelerate default) fails, not trains another mode.
+            set_dotted(data, ["run", "expected_world_size"], mode.num_processes)
             train = build_config(data)
             plan = plan_batch(
                 train.batch.global_batch_size, train.batch.micro_batch_size, train.batch.accum_steps, mode.num_processes
