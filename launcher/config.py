@@ -156,8 +156,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 }
             kwargs[name] = dict(entries)
             continue
-        kwargs[name] = _coerce(key, value, hints[name])
         choices = known[name].metadata.get("choices")
+        if value is False and choices and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare `no` as false: `precision=no` means what it says
+        kwargs[name] = _coerce(key, value, hints[name])
         if choices and kwargs[name] not in choices:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
     return cls(**kwargs)
