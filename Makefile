@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 ACCELERATE_CPU := --multi_gpu --num_processes 2 --num_machines 1 --main_process_port 0 --mixed_precision no --dynamo_backend no
 RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
 
-.PHONY: setup run test lint bench clean
+COMPARE ?= configs/compare/default.yaml
+
+.PHONY: setup run compare train test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +27,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the embedded default: a short run on 2 CPU processes over gloo.
-run: $(STAMP)
+# The main job on the embedded default: accumulation, DDP and both side by side on 2 CPU processes,
+# judged for agreement and cost; report in runs/compare/report.md (about 2 minutes on 2 cores).
+run: compare
+
+# Any comparison: make compare COMPARE=configs/compare/float32_floor.yaml ARGS="overrides.run.seed=1"
+# (compare sets OMP_NUM_THREADS = cores / processes and GLOO_SOCKET_IFNAME=lo unless the environment does.)
+compare: $(STAMP)
+	$(BIN)/python -m launcher.compare --config $(COMPARE) overwrite=true $(ARGS)
+
+# One training run on 2 CPU processes over gloo.
+train: $(STAMP)
 	$(RUN_ENV) $(BIN)/accelerate launch $(ACCELERATE_CPU) launcher/train.py \
-	  --config configs/runs/tiny_lm.yaml run.overwrite=true
+	  --config configs/runs/tiny_lm.yaml run.overwrite=true $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check launcher tests bench

@@ -41,6 +41,7 @@ class RunConfig:
     log_every_steps: int = _field(1, "plain-text log line every N optimizer steps when not on a terminal")
     overwrite: bool = _field(False, "allow writing into an output_dir that already holds a finished run")
     dist_timeout_s: float = _field(600.0, "collective timeout in seconds: a hung rank fails the job after this")
+    expected_world_size: int = _field(0, "refuse to start unless the launch has this many processes (0 = any)")
     checkpoint_every: int = _field(0, "write a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = _field(2, "complete checkpoints kept in output_dir/checkpoints; older ones are pruned")
     resume: str = _field("none", "none | auto (newest complete checkpoint in output_dir, if any) | <checkpoint folder>")
@@ -140,6 +141,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {names}")
 
 
+def _section(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} must be a section (a mapping of keys)")
+    return value
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -149,12 +156,23 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if name not in known:
             raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(known))}")
         if dataclasses.is_dataclass(hints[name]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}={value!r} must be a section (a mapping of keys)")
-            kwargs[name] = _build(hints[name], value, f"{key}.")
+            kwargs[name] = _build(hints[name], _section(key, value), f"{key}.")
             continue
-        kwargs[name] = _coerce(key, value, hints[name])
+        if typing.get_origin(hints[name]) is dict:
+            # A mapping of named entries (compare's modes): each value is a section of its own type, or free-form.
+            item_type = typing.get_args(hints[name])[1]
+            entries = _section(key, value if value is not None else {})
+            if dataclasses.is_dataclass(item_type):
+                entries = {
+                    str(k): _build(item_type, _section(f"{key}.{k}", v or {}), f"{key}.{k}.")
+                    for k, v in entries.items()
+                }
+            kwargs[name] = dict(entries)
+            continue
         choices = known[name].metadata.get("choices")
+        if value is False and choices and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare `no` as false: `precision=no` means what it says
+        kwargs[name] = _coerce(key, value, hints[name])
         if choices and kwargs[name] not in choices:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
     return cls(**kwargs)
@@ -171,30 +189,35 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, creating sections on the way (in place)."""
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is not a section, so {'.'.join(path)} cannot be set in it")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each dotted ``key=value`` in the nested mapping ``data`` (in place)."""
     for text in overrides:
-        path, value = _parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(path[: i + 1])} is not a section, so {text!r} cannot set a key in it")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, *_parse_override(text))
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, key: str = "--config") -> dict[str, Any]:
+    """The mapping in the YAML file ``path``; ``key`` names where the path came from in error messages."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {str(path)!r}: no such file")
+        raise ConfigError(f"{key} {str(path)!r}: no such file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{key} {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {str(path)!r} must hold a mapping of sections (run:, model:, ...)")
+        raise ConfigError(f"{key} {str(path)!r} must hold a mapping of sections (run:, model:, ...)")
     return data
 
 
@@ -208,6 +231,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.run.max_steps >= 1, "run.max_steps", cfg.run.max_steps, "must be >= 1")
     _check(cfg.run.log_every_steps >= 1, "run.log_every_steps", cfg.run.log_every_steps, "must be >= 1")
     _check(cfg.run.dist_timeout_s > 0, "run.dist_timeout_s", cfg.run.dist_timeout_s, "must be > 0")
+    _check(cfg.run.expected_world_size >= 0, "run.expected_world_size", cfg.run.expected_world_size, "must be >= 0")
     _check(bool(cfg.run.output_dir), "run.output_dir", cfg.run.output_dir, "must name a folder")
     for key in ("checkpoint_every", "stop_at_step", "inject_nan_at_step", "inject_nan_rank"):
         _check(getattr(cfg.run, key) >= 0, f"run.{key}", getattr(cfg.run, key), "must be >= 0")
@@ -240,6 +264,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read ``path`` (or start from defaults), apply ``overrides``, build and validate."""
     data = read_yaml(path) if path else {}
     apply_overrides(data, list(overrides))
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A validated ``Config`` from a nested mapping (a YAML file's content after overrides)."""
     return validate(_build(Config, data, ""))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -10,11 +11,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from launcher.config import Config, ConfigError, UserError
-
-
-class LaunchError(UserError):
-    """The launch does not give what the run needs; the message is one line for the user."""
+from launcher.config import Config, ConfigError
+from launcher.preflight import LaunchError, check_launch, launch_from_torchrun_env
 
 
 def env_rank() -> int:
@@ -22,9 +20,22 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's rank on its machine: each machine's logs need the one error line, not only rank 0's."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (WORLD_SIZE; 1 when not launched)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def preflight(cfg: Config) -> None:
+    """Check the launch's interfaces, machine rank, world size and rendezvous before the group forms.
+
+    The connect is bounded by the collective timeout, so a dead machine 0 fails no later than it would.
+    """
+    check_launch(launch_from_torchrun_env(os.environ), cfg.run.expected_world_size, os.environ, cfg.run.dist_timeout_s)
 
 
 def init_accelerator(cfg: Config) -> Accelerator:
@@ -78,21 +89,25 @@ def gather_object(accelerator: Accelerator, value: object) -> list:
     return out
 
 
-def is_collective_failure(err: BaseException) -> bool:
-    """A collective that failed because a peer died or hung: gloo raises DistBackendError (or, from inside
-    DDP's reducer, a RuntimeError carrying gloo's message)."""
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower())
+# Words that mark a RuntimeError as a failed collective (DDP's comm hook wraps gloo's error in its own).
+_COMM_MARKERS = ("gloo", "NCCL", "c10d", "ProcessGroup", "Connection closed by peer", "Connection reset by peer")
 
 
-def describe_collective_failure(err: BaseException) -> str:
-    """One line: what failed, and the likely cause, for a peer that died or hung."""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    cause = (
-        "timed out (a rank hung past run.dist_timeout_s)"
-        if "timeout" in first.lower() or "timed out" in (first.lower())
-        else "failed (another rank died or lost its connection)"
+def comm_failure_message(err: BaseException) -> str | None:
+    """One line for a collective that failed or timed out (a lost machine, a cut link); None for other errors.
+
+    gloo's own text is a wrapped C++ message; its innermost reason ("Timed out waiting 20000ms for
+    recv operation to complete", "Connection closed by peer ...") is the part a user can act on.
+    """
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or any(m in text for m in _COMM_MARKERS)):
+        return None
+    reasons = re.findall(r"\] ([^\[\]\n]+)", text)
+    reason = (reasons[-1] if reasons else text.splitlines()[0] if text else type(err).__name__).strip()
+    return (
+        f"lost contact with the other processes: a collective failed or did not finish within "
+        f"run.dist_timeout_s ({reason}); check the network between the machines and the other machines' logs"
     )
-    return f"a collective {cause}: {first[:300]}"
 
 
 def shutdown() -> None:

@@ -9,8 +9,23 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+
+def _bar(console: Console, label: str, clock: ProgressColumn) -> Progress:
+    """label | bar | done/total | the task's ``info`` field | a clock."""
+    return Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), clock, console=console
+    )
 
 
 class StepProgress:
@@ -20,14 +35,7 @@ class StepProgress:
         self.log_every_steps = log_every_steps
         self._progress: Progress | None = None
         if self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
+            self._progress = _bar(self.console, "[bold]train", TimeRemainingColumn())
             self._task = self._progress.add_task("train", total=total_steps, info="")
             self._progress.start()
 
@@ -70,3 +78,53 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     for what, value in rows:
         table.add_row(what, value)
     console.print(table)
+
+
+class ModesProgress:
+    """The live view of a comparison: one row per mode (waiting, running with its step count, done or
+    failed) on a terminal; on a pipe or file, one plain line when a mode starts and when it ends."""
+
+    def __init__(self, modes: list[tuple[str, int]], console: Console | None = None) -> None:
+        self.console = console or Console(file=sys.stdout)
+        self._tasks: dict[str, Any] = {}
+        self._progress: Progress | None = None
+        if self.console.is_terminal:
+            self._progress = _bar(self.console, "[bold]{task.fields[mode]:<16}", TimeElapsedColumn())
+            for name, total in modes:
+                self._tasks[name] = self._progress.add_task(name, total=total, mode=name, info="[dim]waiting")
+            self._progress.start()
+
+    def start(self, name: str, detail: str) -> None:
+        if self._progress is not None:
+            self._progress.reset(self._tasks[name], start=True)
+            self._progress.update(self._tasks[name], info=f"running: {detail}")
+        else:
+            self._say(f"mode {name}: start ({detail})")
+
+    def update(self, name: str, steps_done: int, loss: float | None) -> None:
+        if self._progress is not None:
+            info = f"running: loss {loss:.4f}" if loss is not None else "running: starting processes"
+            self._progress.update(self._tasks[name], completed=steps_done, info=info)
+
+    def finish(self, name: str, ok: bool, detail: str, log_tail: list[str] = ()) -> None:
+        mark = "[green]done" if ok else "[red]FAILED"
+        if self._progress is not None:
+            task = self._tasks[name]
+            # The last step may land between two looks at metrics.jsonl: a finished run shows all of them.
+            done = self._progress.tasks[task].total if ok else self._progress.tasks[task].completed
+            self._progress.update(task, completed=done, info=f"{mark}[/]: {detail}")
+            self._progress.stop_task(self._tasks[name])
+        else:
+            self._say(f"mode {name}: {'done' if ok else 'FAILED'} ({detail})")
+        if not ok and log_tail:
+            self._say(f"--- last lines of mode {name}'s log ---")
+            for line in log_tail:
+                self._say(line)
+
+    def _say(self, line: str) -> None:
+        # markup off: a log line may hold [brackets] that rich would read as styles.
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -109,11 +109,12 @@ def describe_plan(ctx: StepContext) -> str:
 
 
 def error_line(message: str, every_rank: bool = False) -> None:
-    """One line on stderr: from rank 0 for errors every rank shares, from each rank for its own failure."""
+    """One line on stderr: from each machine's first process for errors every rank shares, from each rank
+    for its own failure."""
     rank = distributed.env_rank()
     if every_rank and distributed.launched_world_size() > 1:
         print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
-    elif rank == 0:
+    elif distributed.local_rank() == 0:  # once per machine: each node's log shows it
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             and resume.path.resolve().parent == checkpoint.checkpoint_dir(cfg.run.output_dir).resolve()
         )
         check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=own)
+        distributed.preflight(cfg)
         accelerator = distributed.init_accelerator(cfg)
         ctx = build(cfg, accelerator)
         ctx.stop_requested = signals
@@ -165,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, checkpoint.NonFiniteModelError) as err:
         error_line(f"{err}; the last checkpoint holds the last finite model")
         return EXIT_NONFINITE
-    except Exception as err:
-        if not distributed.is_collective_failure(err):
+    except RuntimeError as err:  # DistError is one too
+        message = distributed.comm_failure_message(err)
+        if message is None:
             raise
-        error_line(distributed.describe_collective_failure(err), every_rank=True)
+        error_line(message, every_rank=True)
         return EXIT_COLLECTIVE
     finally:
         distributed.shutdown()

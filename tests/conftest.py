@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import time
 from pathlib import Path
 
+from launcher.compare import read_run, weights_agreement  # noqa: F401 - read_run is shared with the tests
 from launcher.launch import REPO, accelerate_command, launch_env
 
 TRAIN = "launcher/train.py"
@@ -73,19 +72,6 @@ def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> 
     return out
 
 
-def read_run(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {
-        "summary": json.loads((out / "summary.json").read_text()),
-        "metrics": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
-        "weights": load_file(str(out / "model.safetensors")),
-    }
-
-
 def rel_l2(a: dict, b: dict) -> float:
     """Relative L2 distance of two state dicts, over all tensors together."""
-    assert a.keys() == b.keys()
-    diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
-    norm = sum(float((b[k].double() ** 2).sum()) for k in b)
-    return math.sqrt(diff / norm)
+    return weights_agreement(a, b)["weights_rel_l2"]

@@ -68,6 +68,7 @@ def test_overrides_and_types(tmp_path):
     assert cfg.run.max_steps == 3
     assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.batch.global_batch_size == 8 and cfg.run.overwrite is True
+    assert load_config(None, ["precision=no"]).precision == "no"  # not YAML's false
 
 
 @pytest.mark.parametrize(

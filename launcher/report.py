@@ -1,0 +1,347 @@
+"""What a comparison shows: rich tables in the terminal, report.md, loss_curves.png and cost.png.
+
+Everything here renders the dictionary that compare.json holds (``compare.judge``), and nothing else:
+the report can be rebuilt from compare.json alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+MIB = 2**20
+ZERO_FLOOR = 1e-17  # a log axis cannot show 0: exact agreement is drawn here, and the legend says so
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def sci(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "0" if value == 0 else f"{value:.2e}"
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.1f} ms"
+
+
+def mib(n_bytes: float | None) -> str:
+    if n_bytes is None:
+        return "-"
+    return "0" if n_bytes == 0 else f"{n_bytes / MIB:,.2f} MiB"
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def launch_of(mode: dict[str, Any]) -> str:
+    """``2 x 1 x K=8`` style: processes x micro batch x accumulation, with what else differs."""
+    p = mode["plan"]
+    text = f"{p['world_size']}p x mb{p['micro_batch_size']} x K={p['accum_steps']}"
+    extras = [
+        mode["sync"] if mode["sync"] != "no_sync" else "",
+        mode["loss_normalization"] if mode["loss_normalization"] != "tokens" else "",
+        mode["precision"] if mode["precision"] != "no" else "",
+    ]
+    return ", ".join([text, *[e for e in extras if e]])
+
+
+def agreement_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for m in result["modes"]:
+        a = m["agreement"] or {}
+        rows.append(
+            [
+                m["name"],
+                launch_of(m),
+                m["expect"] + (", baseline" if m["baseline"] else ""),
+                sci(a.get("loss_max_abs_diff")),
+                sci(a.get("weights_max_abs_diff")),
+                sci(a.get("weights_rel_l2")),
+                "-" if not a else f"{a['weights_cosine']:.12f}",
+                m["verdict"],
+            ]
+        )
+    return rows
+
+
+AGREEMENT_HEADER = ["mode", "launch", "expect", "loss max |Δ|", "weights max |Δ|", "rel L2", "cosine", "verdict"]
+COST_HEADER = [
+    "mode",
+    "median step",
+    "x ref",
+    "samples/s",
+    "tokens/s",
+    "sync rounds/step",
+    "all-reduce/step",
+    "peak mem/proc",
+    "train time",
+    "launch wall",
+]
+
+
+def cost_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for m in result["modes"]:
+        c = m["cost"]
+        if not c:
+            rows.append([m["name"], *["-"] * 8, f"{m['launch_wall_s']:.1f} s"])
+            continue
+        ratio = c["step_time_ratio"]
+        rows.append(
+            [
+                m["name"],
+                ms(c["median_step_time_s"]),
+                "-" if ratio is None else f"{ratio:.2f}",
+                rate(c["samples_per_s"]),
+                rate(c["tokens_per_s"] if c["tokens_per_s"] is not None else c["items_per_s"]),
+                f"{c['sync_rounds_per_step']:g}",
+                mib(c["allreduce_bytes_per_step"]),
+                mib(max(c["peak_mem_bytes_per_process"])),
+                f"{c['train_time_s']:.1f} s",
+                f"{m['launch_wall_s']:.1f} s",
+            ]
+        )
+    return rows
+
+
+def headline(result: dict[str, Any]) -> str:
+    equal = [m for m in result["modes"] if m["expect"] == "equal" and not m["is_reference"]]
+    agreeing = [m for m in equal if m["ok"]]
+    if result["ok"]:
+        return f"all {len(equal)} modes expected to equal {result['reference']!r} agree with it"
+    return (
+        f"{len(agreeing)} of {len(equal)} modes expected to equal {result['reference']!r} agree; failed: "
+        + ", ".join(result["failed"])
+    )
+
+
+def findings(result: dict[str, Any]) -> list[str]:
+    """The comparison in sentences: what syncing every micro-step costs against the same split with
+    no_sync, and how far each baseline expected to differ ended from the reference."""
+    lines = []
+    measured = [m for m in result["modes"] if m["cost"]]
+    for m in measured:
+        if m["sync"] != "every_step":
+            continue
+        twin = next(
+            (
+                n
+                for n in measured
+                if n["sync"] == "no_sync"
+                and n["plan"] == m["plan"]
+                and n["loss_normalization"] == m["loss_normalization"]
+            ),
+            None,
+        )
+        if twin and twin["cost"]["allreduce_bytes_per_step"]:
+            byte_ratio = m["cost"]["allreduce_bytes_per_step"] / twin["cost"]["allreduce_bytes_per_step"]
+            time_ratio = m["cost"]["median_step_time_s"] / twin["cost"]["median_step_time_s"]
+            lines.append(
+                f"{m['name']} (sync every micro-step) sends {byte_ratio:.1f}x the all-reduce bytes of {twin['name']} "
+                f"(no_sync) per optimizer step and takes {time_ratio:.2f}x its median step time"
+            )
+    for m in result["modes"]:
+        if m["expect"] == "differ" and m["agreement"]:
+            a = m["agreement"]
+            lines.append(
+                f"{m['name']} (expected to differ) ends {a['weights_rel_l2']:.2e} away from {result['reference']} "
+                f"(relative L2 of the weights); its loss is off by up to {a['loss_max_abs_diff']:.2e}"
+            )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- terminal
+
+
+def make_console() -> Console:
+    console = Console()
+    # Not a terminal (CI log, pipe): rich would wrap the tables at 80 columns.
+    return console if console.is_terminal else Console(width=180)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_plan(console: Console, cfg: Any, planned: list[Any], warnings: list[str]) -> None:
+    """The modes about to run and the preflight warnings, before anything starts."""
+    rows = [
+        [
+            pm.name,
+            f"{pm.plan.world_size}",
+            f"{pm.plan.micro_batch_size}",
+            f"{pm.plan.accum_steps}",
+            f"{pm.plan.global_batch_size}",
+            pm.train.batch.sync,
+            pm.train.batch.loss_normalization,
+            pm.train.run.dtype,
+            pm.mode.expect + (" (reference)" if pm.name == cfg.reference_name else ""),
+        ]
+        for pm in planned
+    ]
+    header = ["mode", "processes", "micro", "K", "global", "sync", "loss norm", "dtype", "expect"]
+    console.print(_table(f"compare: {cfg.base} -> {cfg.output_dir}", header, rows))
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+
+
+def print_result(console: Console, result: dict[str, Any]) -> None:
+    console.print(
+        _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
+    )
+    console.print(_table("cost (as measured by each run)", COST_HEADER, cost_rows(result)))
+    for line in findings(result):
+        console.print(f"- {line}", highlight=False)
+    style = "green" if result["ok"] else "red"
+    console.print(f"[{style}]{headline(result)}[/]  ->  {result['output_dir']}/report.md", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    tol = result["tolerance"]
+    parts = [
+        "# Comparison: accumulation, DDP and both",
+        "",
+        f"Base config `{result['base']}`, global batch {result['global_batch_size']} samples/step, "
+        f"{result['steps']} optimizer steps, reference mode `{result['reference']}`. "
+        f"A mode expected `equal` agrees when the relative L2 distance of its final weights to the reference's "
+        f"is within {tol['float64']:.0e} (float64) or {tol['float32']:.0e} (float32, a multiple of the measured "
+        "floor).",
+        "",
+        f"**{headline(result)}.**",
+        "",
+        *[f"- {line}" for line in findings(result)],
+        "",
+    ]
+    if result["warnings"]:
+        parts += ["## Preflight warnings", "", *[f"- {w}" for w in result["warnings"]], ""]
+    parts += [
+        "## Agreement",
+        "",
+        "Read from each run's `model.safetensors` and `metrics.jsonl`: the largest per-step difference of the "
+        "logged loss, and the final weights' largest absolute difference, relative L2 distance "
+        "(||w - w_ref|| / ||w_ref||) and cosine similarity. Launch: processes (p) x micro batch per process (mb) "
+        "x accumulation steps (K).",
+        "",
+        _md_table(AGREEMENT_HEADER, agreement_rows(result)),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "## Cost",
+        "",
+        "From each run's `summary.json`: median optimizer-step time and its ratio to the reference, throughput, "
+        "gradient sync rounds and all-reduce bytes per optimizer step (counted in DDP's comm hook), the largest "
+        "peak memory over the processes, time in training steps, and the launch's wall time (process start, "
+        "imports and process group included).",
+        "",
+        _md_table(COST_HEADER, cost_rows(result)),
+        "",
+        "![cost](cost.png)",
+        "",
+    ]
+    failed = [m for m in result["modes"] if m["status"] == "failed"]
+    for m in failed:
+        parts += [f"## Mode `{m['name']}` failed: {m.get('error', '')}", "", f"Log: `{m['log']}`", "", "```"]
+        parts += [*m.get("log_tail", []), "```", ""]
+    versions = result.get("versions") or {}
+    if versions:
+        parts += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return "\n".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 2))
+    for i, m in enumerate(result["modes"]):
+        if not m["losses"]:
+            continue
+        steps = range(1, len(m["losses"]) + 1)
+        # One color per mode in both panels; baselines dashed.
+        style = {"color": f"C{i}", "linestyle": "--" if m["baseline"] else "-"}
+        top.plot(steps, m["losses"], label=f"{m['name']} ({m['expect']})", alpha=0.85, **style)
+        if m["agreement"] and not m["is_reference"]:
+            deviation = [max(abs(d), ZERO_FLOOR) for d in m["agreement"]["loss_deviation"]]
+            bottom.plot(steps, deviation, marker=".", label=m["name"], **style)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_ylabel("loss")
+    top.set_title(f"loss per optimizer step (reference: {result['reference']})")
+    top.legend(fontsize="small")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("|loss - reference loss|")
+    bottom.set_title(f"deviation from the reference (exact zeros drawn at {ZERO_FLOOR:.0e})", fontsize="medium")
+    if bottom.lines:
+        bottom.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    measured = [m for m in result["modes"] if m["cost"]]
+    names = [m["name"] for m in measured]
+    colors = ["tab:gray" if m["baseline"] else "tab:blue" for m in measured]
+    panels = [
+        ("median optimizer-step time (ms)", [m["cost"]["median_step_time_s"] * 1000 for m in measured], "{:.1f}"),
+        (
+            "all-reduce per optimizer step (MiB)",
+            [m["cost"]["allreduce_bytes_per_step"] / MIB for m in measured],
+            "{:.2f}",
+        ),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 2))
+    for ax, (title, values, fmt) in zip(axes, panels, strict=True):
+        bars = ax.barh(names, values, color=colors)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize="small")
+        ax.set_title(title, fontsize="medium")
+        ax.invert_yaxis()  # run order, top to bottom
+        ax.margins(x=0.25)
+    axes[1].set_yticklabels([])
+    fig.suptitle("cost by mode (gray: baselines expected to differ or cost more)", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(result: dict[str, Any], out: Path) -> None:
+    """report.md and both plots beside compare.json."""
+    from launcher.metrics import write_text_atomic
+
+    plot_loss_curves(result, out / "loss_curves.png")
+    plot_cost(result, out / "cost.png")
+    write_text_atomic(out / "report.md", markdown(result))

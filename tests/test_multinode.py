@@ -1,0 +1,300 @@
+"""Two machines on one host: network namespaces joined by a veth pair, one `accelerate launch` each.
+
+Machine 0 is 10.77.0.1 and machine 1 is 10.77.0.2, addresses that exist only inside the test's own
+namespaces; gloo is pinned to the veth by GLOO_SOCKET_IFNAME (DESIGN.md trap 9). Each machine runs
+one process, so the job has the same world size as the 1-machine, 2-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from launcher.launch import REPO, launch_env
+from tests.conftest import TINY_LM, TRAIN, read_run, rel_l2, run_ok
+from tests.test_errors import assert_one_clear_line
+
+ADDRS = ("10.77.0.1", "10.77.0.2")
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+PORT = 29555  # free by construction: the namespaces are new
+EQUIVALENCE = (
+    "run.dtype=float64",
+    "model.dropout=0.0",
+    "optim.name=sgd",
+    "optim.lr=0.5",
+    "optim.grad_clip=0",
+    "data.num_samples=40",
+    "run.max_steps=6",
+    "batch.global_batch_size=16",
+    "batch.micro_batch_size=4",
+    "batch.accum_steps=null",
+)
+
+
+@dataclass
+class Host:
+    netns: str
+    dev: str
+    addr: str
+    hostname: str
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    """Two namespaces joined by a veth pair; always removed, even when the test fails."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("network namespaces need root, iproute2's `ip` and util-linux's `unshare`")
+    tag = f"mn{os.getpid() % 100000}"  # unique per test process: other sessions may run the same test
+    pair = [Host(f"{tag}h{i}", f"{tag}v{i}", addr, f"node{i}") for i, addr in enumerate(ADDRS)]
+    created: list[str] = []
+    try:
+        for host in pair:
+            try:
+                ip("netns", "add", host.netns)
+            except subprocess.CalledProcessError as err:
+                pytest.skip(f"cannot create a network namespace: {err.stderr.strip()}")
+            created.append(host.netns)
+            # `ip netns exec` mounts these over /etc. Each machine's hostname resolves to its own
+            # address (c10d rendezvous hands it to the other machines), and no DNS server is asked:
+            # none is reachable from inside, and waiting for one costs seconds per connection.
+            etc = Path("/etc/netns") / host.netns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text("options timeout:1 attempts:1\n")
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{h.addr} {h.hostname}\n" for h in pair))
+        ip("link", "add", pair[0].dev, "type", "veth", "peer", "name", pair[1].dev)
+        for host in pair:
+            ip("link", "set", host.dev, "netns", host.netns)
+            ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.dev)
+            ip("-n", host.netns, "link", "set", host.dev, "up")
+            ip("-n", host.netns, "link", "set", "lo", "up")
+        yield pair
+    finally:
+        for netns in created:  # deleting a namespace deletes its end of the veth, and so the pair
+            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+
+
+def on_host(host: Host, cmd: list[str]) -> list[str]:
+    """``cmd`` inside ``host``'s network namespace, under its own hostname (a UTS namespace)."""
+    return [
+        "ip",
+        "netns",
+        "exec",
+        host.netns,
+        "unshare",
+        "--uts",
+        "sh",
+        "-c",
+        f'hostname {host.hostname} && exec "$@"',
+        "sh",
+        *cmd,
+    ]
+
+
+def accelerate_launch(rank: int, rdzv: str) -> list[str]:
+    """The documented multi-machine command: machine ``rank`` of 2, one process each (2 in all)."""
+    return [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        ADDRS[0],
+        "--main_process_port",
+        str(PORT),
+        "--rdzv_backend",
+        rdzv,
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        TRAIN,
+    ]
+
+
+def start_machine(tmp_path: Path, host: Host, rank: int, cmd: list[str], **env: str) -> subprocess.Popen:
+    """Start machine ``rank``'s launch; its output goes to tmp_path/machine<rank>.log."""
+    full = {**launch_env(tmp_path / "tmp"), "GLOO_SOCKET_IFNAME": host.dev, **env}
+    log = (tmp_path / f"machine{rank}.log").open("w")
+    # Own session: the teardown can kill the whole tree if the test fails half-way.
+    return subprocess.Popen(
+        on_host(host, cmd), cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def finish(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Return codes of all machines; kill every process group still running after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return codes
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (the run's unique output folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_machine(tmp_path_factory) -> dict:
+    """The reference: 1 machine, 2 processes, same config."""
+    root = tmp_path_factory.mktemp("one_machine")
+    return read_run(run_ok(root, 2, "one_machine", *EQUIVALENCE))
+
+
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_two_machines_match_one_machine(tmp_path, hosts, one_machine, rdzv):
+    out = tmp_path / "two_machines"
+    train = ["--config", TINY_LM, f"run.output_dir={out}", *EQUIVALENCE]
+    started = time.monotonic()
+    procs = [
+        start_machine(tmp_path, host, rank, [*accelerate_launch(rank, rdzv), *train]) for rank, host in enumerate(hosts)
+    ]
+    codes = finish(procs, timeout_s=240)
+    elapsed = time.monotonic() - started
+    logs = "\n".join((tmp_path / f"machine{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], f"machines exited {codes}\n{logs}"
+    print(f"two-machine run ({rdzv}): {elapsed:.1f} s")
+
+    two = read_run(out)
+    assert two["summary"]["world_size"] == 2 and two["summary"]["backend"] == "gloo"
+    distance = rel_l2(two["weights"], one_machine["weights"])
+    assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 machine"
+
+
+def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
+    timeout_s = 20
+    out = tmp_path / "cut"
+    # Through the image's entrypoint: NNODES/NODE_RANK/MASTER_* from the environment, its preflight.
+    # Static rendezvous: under c10d the workers fail as fast with the same line, but torchrun's agents
+    # then wait on the lost rendezvous store (measured: still alive 80 s after the cut).
+    train = ["--config", TINY_LM, f"run.output_dir={out}", "run.max_steps=100000", f"run.dist_timeout_s={timeout_s}"]
+    node_env = {
+        "NNODES": "2",
+        "NPROC": "1",
+        "MASTER_ADDR": ADDRS[0],
+        "MASTER_PORT": str(PORT),
+        "PATH": f"{Path(ACCELERATE).parent}:{os.environ['PATH']}",
+    }
+    procs = [
+        start_machine(tmp_path, host, rank, [str(ENTRYPOINT), *train], NODE_RANK=str(rank), **node_env)
+        for rank, host in enumerate(hosts)
+    ]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert all(p.poll() is None for p in procs), "a machine exited before the link was cut"
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    ip("-n", hosts[1].netns, "link", "delete", hosts[1].dev)  # the cable is pulled
+    cut = time.monotonic()
+    codes = finish(procs, timeout_s=timeout_s + 60)
+    to_failure = time.monotonic() - cut
+    print(f"link cut -> both machines exited in {to_failure:.1f} s")
+    logs = [(tmp_path / f"machine{r}.log").read_text() for r in range(2)]
+    assert all(c is not None and c > 0 for c in codes), f"exit codes {codes}\n{logs[0][-3000:]}\n{logs[1][-3000:]}"
+    assert to_failure <= timeout_s + 30, f"failed {to_failure:.1f} s after the cut"
+    for log in logs:
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert errors and "run.dist_timeout_s" in errors[0], log[-3000:]
+    assert processes_mentioning(str(out)) == []
+
+
+# The preflight: each mistake is one line and a non-zero exit, before any process group forms.
+
+
+def preflight(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m launcher.preflight` as a node script runs it, before `accelerate launch`."""
+    full = {**launch_env(tmp_path / "tmp"), "PREFLIGHT_TIMEOUT_S": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.preflight"], cwd=REPO, env=full, capture_output=True, text=True, timeout=60
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GLOO_SOCKET_IFNAME": "nosuch0"}, ("GLOO_SOCKET_IFNAME=nosuch0", "no network interface", "lo")),
+        ({"NCCL_SOCKET_IFNAME": "=nosuch0"}, ("NCCL_SOCKET_IFNAME==nosuch0", "no network interface")),
+        ({"NNODES": "2", "NODE_RANK": "2"}, ("machine rank 2", "out of range", "0..1")),
+        (
+            {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "CLOSED"},
+            ("127.0.0.1:CLOSED", "not reachable", "after 1 s"),
+        ),
+    ],
+    ids=["gloo_ifname", "nccl_ifname", "machine_rank", "unreachable"],
+)
+def test_preflight_names_the_problem(tmp_path, env, words):
+    port = str(closed_port())
+    proc = preflight(tmp_path, **{k: v.replace("CLOSED", port) for k, v in env.items()})
+    assert_one_clear_line(proc, tuple(w.replace("CLOSED", port) for w in words))
+
+
+def test_preflight_reports_a_taken_port_on_machine_0(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    assert_one_clear_line(proc, (f"MASTER_PORT={port} is taken",))
+
+
+def test_preflight_passes_a_good_launch(tmp_path):
+    assert preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port())).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "env", "words"),
+    [
+        ("run.expected_world_size=2", {}, ("1 processes", "run.expected_world_size=2")),
+        ("run.max_steps=1", {"GLOO_SOCKET_IFNAME": "nosuch0"}, ("GLOO_SOCKET_IFNAME=nosuch0",)),
+    ],
+    ids=["world_size", "ifname"],
+)
+def test_trainer_runs_the_preflight(tmp_path, override, env, words):
+    cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", override]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**launch_env(tmp_path / "tmp"), **env}, capture_output=True, text=True, timeout=120
+    )
+    assert_one_clear_line(proc, words)
