@@ -34,7 +34,10 @@ def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
 class RunConfig:
     output_dir: str = _field("runs/default", "folder for config.yaml, metrics.jsonl, summary.json, model.safetensors")
     seed: int = _field(0, "seed for model init, data and sample order")
-    max_steps: int = _field(20, "number of optimizer steps to train")
+    max_steps: int = _field(20, "number of optimizer steps to train (run.max_epochs, when > 0, decides instead)")
+    max_epochs: float = _field(
+        0.0, "train this many passes over the training set; the steps follow from the global batch (0 = off)"
+    )
     dtype: str = _field(
         "float32", "parameter dtype; float64 makes exact equivalence checks possible", ("float32", "float64")
     )
@@ -55,17 +58,23 @@ class RunConfig:
     max_consecutive_nonfinite: int = _field(3, "stop the run when this many steps in a row were skipped")
     inject_nan_at_step: int = _field(0, "test hook: make this optimizer step's loss NaN (1-based; 0 = off)")
     inject_nan_rank: int = _field(0, "test hook: the rank whose loss run.inject_nan_at_step poisons")
+    log_with: str = _field(
+        "none", "Accelerate trackers besides metrics.jsonl: none, or a comma list (tensorboard, wandb, ...)"
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = _field("tiny-gpt2", "tiny-gpt2 | tiny-bert | hf:<local dir or hub id>")
+    name: str = _field("tiny-gpt2", "tiny-gpt2 | tiny-bert | mlp-bn | hf:<local dir or hub id>")
     dropout: float = _field(0.0, "probability applied to every dropout in the model")
     task: str = _field("auto", "lm | cls | auto (from the model name or architecture)", ("auto", "lm", "cls"))
     hidden_size: int = _field(64, "width of the built-in tiny models")
     num_layers: int = _field(2, "depth of the built-in tiny models")
     num_heads: int = _field(2, "attention heads of the built-in tiny models")
     num_labels: int = _field(2, "classes for sequence classification")
+    sync_batchnorm: bool = _field(
+        False, "under DDP, compute BatchNorm statistics over all ranks' micro-batches (SyncBatchNorm)"
+    )
 
 
 @dataclass
@@ -76,8 +85,23 @@ class DataConfig:
     num_samples: int = _field(256, "samples in the training set (synthetic) or the most taken from a file (0 = all)")
     seq_len: int = _field(32, "maximum sequence length in tokens")
     text_column: str = _field("text", "column holding the text (file and hub datasets)")
+    text_pair_column: str = _field("", "column holding the second text of a pair (e.g. sentence2; empty = none)")
     label_column: str = _field("label", "column holding the class label (classification)")
     split: str = _field("train", "split of a hub dataset")
+    subset: str = _field("", "configuration of a hub dataset (e.g. mrpc of glue; empty = none)")
+    cache_dir: str = _field(
+        "auto", "folder for tokenized datasets: auto ($ACCUM_CACHE or ~/.cache/accum-launcher) | none | <folder>"
+    )
+
+
+@dataclass
+class EvalConfig:
+    fraction: float = _field(0.0, "carve this share of the training rows out as the eval set (seeded by run.seed)")
+    file: str = _field("", "or: an eval file with data.name's columns (.csv/.json/.jsonl/.parquet)")
+    split: str = _field("", "or: a split of the hub dataset data.name (e.g. validation)")
+    num_samples: int = _field(0, "most eval samples taken (0 = all)")
+    every_steps: int = _field(0, "evaluate every N optimizer steps; with an eval set it also runs at the end (0 = end)")
+    batch_size: int = _field(0, "eval samples per forward, per process (0 = batch.micro_batch_size, or 8)")
 
 
 @dataclass
@@ -103,6 +127,19 @@ class OptimConfig:
     schedule: str = _field("constant", "learning-rate shape after warmup", ("constant", "linear", "cosine"))
     warmup_steps: int = _field(0, "optimizer steps of linear warmup from 0")
     grad_clip: float = _field(0.0, "max global gradient L2 norm per optimizer step (0 = off)")
+    beta1: float = _field(0.9, "adamw first-moment decay")
+    beta2: float = _field(0.999, "adamw second-moment decay")
+    eps: float = _field(1e-8, "adamw epsilon")
+    lr_scaling: str = _field(
+        "none",
+        "scale optim.lr by global/base global batch: none, linear (x k) or sqrt (x sqrt k)",
+        ("none", "linear", "sqrt"),
+    )
+    base_global_batch_size: int | None = _field(None, "the global batch optim.lr was tuned for (lr_scaling)")
+    scale_betas_eps: bool = _field(
+        False,
+        "adamw with lr_scaling=sqrt: also beta -> 1 - k(1 - beta) and eps -> eps / sqrt k (Malladi et al., 2022)",
+    )
 
 
 @dataclass
@@ -112,6 +149,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     precision: str = _field("no", "mixed precision through Accelerate", ("no", "bf16", "fp16"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +289,33 @@ def validate(cfg: Config) -> Config:
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
     _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 = off)")
+    _check(cfg.run.max_epochs >= 0, "run.max_epochs", cfg.run.max_epochs, "must be >= 0 (0 = use run.max_steps)")
+    _check(bool(cfg.run.log_with.strip()), "run.log_with", cfg.run.log_with, "must be none or a comma list of trackers")
+    _check(bool(cfg.data.cache_dir), "data.cache_dir", cfg.data.cache_dir, "must be auto, none or a folder")
+    _check(0.0 <= cfg.eval.fraction < 1.0, "eval.fraction", cfg.eval.fraction, "must be in [0, 1)")
+    sources = [k for k in ("fraction", "file", "split") if getattr(cfg.eval, k)]
+    if len(sources) > 1:
+        key = sources[-1]
+        _check(False, f"eval.{key}", getattr(cfg.eval, key), f"set only one of eval.{', eval.'.join(sources)}")
+    for key in ("num_samples", "every_steps", "batch_size"):
+        _check(getattr(cfg.eval, key) >= 0, f"eval.{key}", getattr(cfg.eval, key), "must be >= 0")
+    for key in ("beta1", "beta2"):
+        _check(0.0 <= getattr(cfg.optim, key) < 1.0, f"optim.{key}", getattr(cfg.optim, key), "must be in [0, 1)")
+    _check(cfg.optim.eps > 0, "optim.eps", cfg.optim.eps, "must be > 0")
+    base = cfg.optim.base_global_batch_size
+    _check(base is None or base >= 1, "optim.base_global_batch_size", base, "must be a positive integer")
+    _check(
+        cfg.optim.lr_scaling == "none" or base is not None,
+        "optim.lr_scaling",
+        cfg.optim.lr_scaling,
+        "needs optim.base_global_batch_size, the global batch optim.lr was tuned for",
+    )
+    _check(
+        not cfg.optim.scale_betas_eps or (cfg.optim.lr_scaling == "sqrt" and cfg.optim.name == "adamw"),
+        "optim.scale_betas_eps",
+        cfg.optim.scale_betas_eps,
+        "applies to optim.name=adamw with optim.lr_scaling=sqrt only",
+    )
     _check(
         cfg.precision == "no" or cfg.run.dtype == "float32",
         "precision",
