@@ -6,8 +6,9 @@
 A compare config names a base training config and a set of modes. Each mode is one launch (processes,
 overrides of the training config) and an expectation: ``equal`` (must give the reference's model within
 the dtype's tolerance) or ``differ`` (a baseline, whose measured deviation is shown). Each mode runs as
-its own ``accelerate launch`` (Accelerate's state is process-global), from the same seed, so every mode
-starts from the same weights and walks the same sample order.
+its own ``accelerate launch`` (Accelerate's state is process-global; a mode on N machines is N launches on
+this host, one per machine rank, meeting over loopback), from the same seed, so every mode starts from the
+same weights and walks the same sample order.
 
 Agreement and cost are read back from each run's own files (model.safetensors, metrics.jsonl,
 summary.json), never recomputed from a model of what should happen. Exit status: 0 when every
@@ -46,7 +47,7 @@ from launcher.config import (
     read_yaml,
     set_dotted,
 )
-from launcher.launch import accelerate_command, launch_env, threads_per_device
+from launcher.launch import Machine, accelerate_command, free_port, launch_env, threads_per_device
 
 EQUAL, DIFFER = "equal", "differ"
 # Keys a mode may change and still be expected to train the same model: how the global batch is split,
@@ -69,8 +70,14 @@ MODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
 
 @dataclass
 class ModeConfig:
-    num_processes: int = _field(1, "processes on this machine (accelerate launch --num_processes)")
-    num_machines: int = _field(1, "machines; compare launches on this host only, so 1 for now")
+    num_processes: int = _field(
+        1, "processes over all machines, as accelerate launch --num_processes counts them: the world size"
+    )
+    num_machines: int = _field(
+        1,
+        "machines: one accelerate launch each, num_processes / num_machines processes per machine, all on this "
+        "host over loopback (a rehearsal of the multi-node launch: separate agents, one rendezvous, gloo over TCP)",
+    )
     expect: str = _field(
         EQUAL, "equal: must agree with the reference within tolerance; differ: a baseline", (EQUAL, DIFFER)
     )
@@ -116,11 +123,13 @@ def validate_compare(cfg: CompareConfig) -> CompareConfig:
     for name, mode in cfg.modes.items():
         _check(bool(MODE_NAME.match(name)), f"modes.{name}", name, "a mode name is a folder name: letters, digits, _.-")
         _check(mode.num_processes >= 1, f"modes.{name}.num_processes", mode.num_processes, "must be >= 1")
+        _check(mode.num_machines >= 1, f"modes.{name}.num_machines", mode.num_machines, "must be >= 1")
         _check(
-            mode.num_machines == 1,
-            f"modes.{name}.num_machines",
-            mode.num_machines,
-            "compare launches on this machine only; run multi-node modes with accelerate launch on each node",
+            mode.num_processes % mode.num_machines == 0,
+            f"modes.{name}.num_processes",
+            mode.num_processes,
+            f"counts the processes of all {mode.num_machines} machines (as accelerate does), so it must be a "
+            f"multiple of num_machines={mode.num_machines}",
         )
     _check(
         cfg.reference is None or cfg.reference in cfg.modes,
@@ -171,8 +180,11 @@ class PlannedMode:
         return Path(self.train.run.output_dir)
 
     def describe(self) -> str:
+        from launcher.report import processes_of
+
         p = self.plan
-        return f"{p.world_size} proc x micro {p.micro_batch_size} x K={p.accum_steps}, {self.train.batch.sync}"
+        processes = processes_of(self.mode.num_machines, p.world_size)
+        return f"{processes} x micro {p.micro_batch_size} x K={p.accum_steps}, {self.train.batch.sync}"
 
 
 def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
@@ -191,6 +203,7 @@ def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
             set_dotted(data, ["run", "output_dir"], str(modes_dir / name))
             set_dotted(data, ["run", "overwrite"], True)
             # A launch that gives another world size (a wrong accelerate default) fails, not trains another mode.
+            # num_processes is the total over the mode's machines, as accelerate counts it.
             set_dotted(data, ["run", "expected_world_size"], mode.num_processes)
             train = build_config(data)
             plan = plan_batch(
@@ -298,13 +311,19 @@ def preflight(planned: list[PlannedMode], reference: PlannedMode) -> list[str]:
 
 @dataclass
 class ModeOutcome:
-    returncode: int | None  # None: stopped at the timeout
-    launch_wall_s: float  # the whole launch: process start, imports, group, training, writing
-    log: Path
+    returncode: int | None  # 0 when every machine's launch exited 0, else the first failing one's; None: timeout
+    launch_wall_s: float  # the whole mode: every machine's launch, from the first start to the last exit
+    logs: list[Path]  # one per machine, machine 0's (the mode's train.log) first
+    failed_machine: int | None = None  # the first machine whose launch failed: its log explains the failure
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def log(self) -> Path:
+        """The log that tells the mode's story: the failing machine's, else machine 0's."""
+        return self.logs[self.failed_machine or 0]
 
     def log_lines(self) -> list[str]:
         try:
@@ -316,12 +335,13 @@ class ModeOutcome:
         return self.log_lines()[-lines:]
 
     def reason(self) -> str:
-        """Why the launch failed, in one line: the trainer's own ``error:`` line when it printed one (the
-        launcher's traceback that follows it says only that a child failed)."""
+        """Why the mode failed, in one line: the failing launch's own ``error:`` line when the trainer printed
+        one (the launcher's traceback that follows it says only that a child failed)."""
         if self.returncode is None:
             return "stopped at the timeout"
         errors = [line.removeprefix("error: ") for line in self.log_lines() if line.startswith("error: ")]
-        return f"exited {self.returncode}" + (f": {errors[-1]}" if errors else "")
+        machine = f"machine {self.failed_machine} " if len(self.logs) > 1 else ""
+        return f"{machine}exited {self.returncode}" + (f": {errors[-1]}" if errors else "")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -333,22 +353,47 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a launch and its workers: the launcher is a session leader, so its group holds them all."""
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop launches and their workers: each launcher is a session leader, so its group holds them all.
+    SIGTERM first, to every launch at once (the trainer stops at a step boundary); SIGKILL what is left."""
     for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def machine_log(run_dir: Path, machine_rank: int) -> Path:
+    return run_dir / ("train.log" if machine_rank == 0 else f"train.machine{machine_rank}.log")
+
+
+def launch_commands(pm: PlannedMode, config_path: Path) -> list[list[str]]:
+    """One `accelerate launch` per machine of the mode. Several machines meet at one rendezvous on this
+    host's loopback, on a port picked here: ``--main_process_port 0`` would give each machine its own."""
+    tail = ["--config", str(config_path)]
+    num_machines = pm.mode.num_machines
+    if num_machines == 1:
+        return [[*accelerate_command(pm.plan.world_size), *tail]]
+    port = free_port()
+    return [
+        [*accelerate_command(pm.plan.world_size, machine=Machine(num_machines, rank, port)), *tail]
+        for rank in range(num_machines)
+    ]
 
 
 def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: Any) -> ModeOutcome:
-    """Launch one mode into a clean folder and follow its metrics.jsonl for the live view."""
+    """Launch one mode into a clean folder, one launch per machine, and follow its metrics.jsonl for the live
+    view. Every machine reads the same config, so all point at the same run folder; only the job's main
+    process (machine 0, rank 0) writes results there. The mode fails as soon as one machine's launch does:
+    the others are stopped rather than left to wait out the collective timeout."""
     from launcher.metrics import write_text_atomic  # torch: only once something runs
 
     if pm.run_dir.exists():
@@ -358,37 +403,49 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: Any) -
     write_text_atomic(config_path, dump_config(pm.train))
     tmp_dir = Path(cfg.output_dir) / "tmp" / pm.name
     env = launch_env(tmp_dir, threads, offline=False)  # a hub model or dataset loads where the network allows
-    log = pm.run_dir / "train.log"
+    commands = launch_commands(pm, config_path)
+    logs = [machine_log(pm.run_dir, rank) for rank in range(len(commands))]
     started = time.perf_counter()
     progress.start(pm.name, pm.describe())
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(
-            [*accelerate_command(pm.plan.world_size), "--config", str(config_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        returncode: int | None = None
-        try:
-            while True:
-                try:
-                    returncode = proc.wait(0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                records = read_metrics(pm.run_dir / "metrics.jsonl")
-                progress.update(pm.name, len(records), records[-1]["loss"] if records else None)
-                if time.perf_counter() - started > cfg.timeout_s:
-                    _stop(proc)
-                    log_file.write(f"\ncompare: stopped after timeout_s={cfg.timeout_s:g}\n")
-                    break
-        except BaseException:  # Ctrl-C included: leave no orphaned workers holding the port
-            _stop(proc)
-            raise
+    procs: list[subprocess.Popen] = []
+    exited: dict[int, int] = {}  # machine rank -> exit code, in the order the launches ended
+    note = ""
+    try:
+        for command, log in zip(commands, logs, strict=True):
+            with log.open("w") as log_file:  # the launch keeps its own descriptor
+                procs.append(
+                    subprocess.Popen(
+                        command,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        start_new_session=True,
+                    )
+                )
+        while True:
+            try:
+                next(proc for proc in procs if proc.poll() is None).wait(0.5)
+            except (StopIteration, subprocess.TimeoutExpired):
+                pass
+            exited.update({rank: proc.returncode for rank, proc in enumerate(procs) if proc.poll() is not None})
+            if len(exited) == len(procs) or any(exited.values()):
+                break
+            records = read_metrics(pm.run_dir / "metrics.jsonl")
+            progress.update(pm.name, len(records), records[-1]["loss"] if records else None)
+            if time.perf_counter() - started > cfg.timeout_s:
+                note = f"compare: stopped after timeout_s={cfg.timeout_s:g}"
+                break
+    finally:  # a failed machine, the timeout, Ctrl-C: leave no orphaned workers holding the port
+        stopped = [rank for rank, proc in enumerate(procs) if proc.poll() is None]
+        _stop(procs)
+    failed = next((rank for rank, code in exited.items() if code != 0), None)
+    for rank in stopped:
+        with logs[rank].open("a") as log_file:
+            log_file.write(f"\n{note or f'compare: stopped because machine {failed} failed'}\n")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    return ModeOutcome(returncode, time.perf_counter() - started, log)
+    returncode = None if note else exited[failed] if failed is not None else 0
+    return ModeOutcome(returncode, time.perf_counter() - started, logs, failed)
 
 
 # ------------------------------------------------------------------------------------------------ judging
@@ -517,6 +574,7 @@ def judge(
             "loss_normalization": pm.train.batch.loss_normalization,
             "run_dir": str(pm.run_dir),
             "log": str(outcome.log),
+            "machine_logs": [str(path) for path in outcome.logs],
             "returncode": outcome.returncode,
             "launch_wall_s": outcome.launch_wall_s,
             "status": "ok" if run else "failed",

@@ -40,10 +40,18 @@ def rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def processes_of(num_machines: int, world_size: int) -> str:
+    """``2p`` on one machine; ``2m x 1p`` (machines x processes per machine) on several."""
+    if num_machines == 1:
+        return f"{world_size}p"
+    return f"{num_machines}m x {world_size // num_machines}p"
+
+
 def launch_of(mode: dict[str, Any]) -> str:
-    """``2 x 1 x K=8`` style: processes x micro batch x accumulation, with what else differs."""
+    """``2p x mb1 x K=8`` style (``2m x 1p x ...`` on two machines): processes x micro batch x accumulation,
+    with what else differs."""
     p = mode["plan"]
-    text = f"{p['world_size']}p x mb{p['micro_batch_size']} x K={p['accum_steps']}"
+    text = f"{processes_of(mode['num_machines'], p['world_size'])} x mb{p['micro_batch_size']} x K={p['accum_steps']}"
     extras = [
         mode["sync"] if mode["sync"] != "no_sync" else "",
         mode["loss_normalization"] if mode["loss_normalization"] != "tokens" else "",
@@ -180,7 +188,7 @@ def print_plan(console: Console, cfg: Any, planned: list[Any], warnings: list[st
     rows = [
         [
             pm.name,
-            f"{pm.plan.world_size}",
+            processes_of(pm.mode.num_machines, pm.plan.world_size),
             f"{pm.plan.micro_batch_size}",
             f"{pm.plan.accum_steps}",
             f"{pm.plan.global_batch_size}",

@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             resume is not None
             and resume.path.resolve().parent == checkpoint.checkpoint_dir(cfg.run.output_dir).resolve()
         )
+        # Every rank checks, on every machine: on a shared filesystem they all see the same folder and refuse
+        # together, at once, instead of leaving the other machines waiting in the rendezvous for a rank 0 that
+        # has quit. Only the main process writes there, and only after the process group has formed (the gloo
+        # connect, or DDP's first broadcast under NCCL, waits for every rank), hence after every rank's check:
+        # a slower machine never finds the results of the run it belongs to (measured: 2 machines, one folder).
         check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=own)
         distributed.preflight(cfg)
         accelerator = distributed.init_accelerator(cfg)
