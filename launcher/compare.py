@@ -51,12 +51,14 @@ from launcher.launch import Machine, accelerate_command, free_port, launch_env, 
 
 EQUAL, DIFFER = "equal", "differ"
 # Keys a mode may change and still be expected to train the same model: how the global batch is split,
-# how often it syncs, and where it writes. Anything else that differs from the reference is flagged.
+# how often it syncs (SyncBatchNorm changes how BatchNorm's statistics are computed over the split, not the
+# model), and where it writes. Anything else that differs from the reference is flagged.
 SPLIT_KEYS = frozenset(
     {
         "batch.micro_batch_size",
         "batch.accum_steps",
         "batch.sync",
+        "model.sync_batchnorm",
         "run.output_dir",
         "run.overwrite",
         "run.log_every_steps",
@@ -190,6 +192,8 @@ class PlannedMode:
 def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
     """Every mode's training config, validated with the trainer's own rules, so a bad mode stops the
     comparison before the first launch rather than after the others have run."""
+    from launcher.batchnorm import check_micro_batch  # torch: only once the compare config has parsed
+
     base = read_yaml(cfg.base, key="base")
     modes_dir = Path(cfg.output_dir) / "modes"
     planned = []
@@ -209,6 +213,7 @@ def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
             plan = plan_batch(
                 train.batch.global_batch_size, train.batch.micro_batch_size, train.batch.accum_steps, mode.num_processes
             )
+            check_micro_batch(train.model, plan.micro_batch_size)
         except ConfigError as err:
             raise ConfigError(f"mode {name!r}: {err}") from None
         planned.append(PlannedMode(name, mode, train, plan, own))
@@ -237,20 +242,29 @@ def batch_norm_layers(model: Any) -> list[str]:
 
 
 def model_batch_norm(train: Config) -> list[str]:
-    """BatchNorm layers of the model a config names, without loading weights."""
-    from launcher.models import BUILTIN_TASKS
+    """BatchNorm layers of the model a mode's config names, without loading weights, as its launch will train
+    them: synced when model.sync_batchnorm is set and the mode has more than one process (plan_modes sets
+    run.expected_world_size to the mode's process count)."""
+    from launcher.models import BATCH_NORM_MODELS, BUILTIN_TASKS, build_model
 
-    if train.model.name in BUILTIN_TASKS:
+    if train.model.name in BUILTIN_TASKS and train.model.name not in BATCH_NORM_MODELS:
         # The built-in tiny GPT-2 and BERT (models.py) normalize with LayerNorm only; building one just
         # to look would cost the comparison seconds of transformers import before the first launch.
         return []
     import torch
-    from transformers import AutoConfig, AutoModel
+
+    from launcher.batchnorm import convert_sync_batchnorm
 
     with torch.device("meta"):  # the module tree without memory or a weights download
-        return batch_norm_layers(
-            AutoModel.from_config(AutoConfig.from_pretrained(train.model.name.removeprefix("hf:")))
-        )
+        if train.model.name in BUILTIN_TASKS:
+            model = build_model(train.model, train.data.seq_len, torch.float32).model
+        else:
+            from transformers import AutoConfig, AutoModel
+
+            model = AutoModel.from_config(AutoConfig.from_pretrained(train.model.name.removeprefix("hf:")))
+    if train.model.sync_batchnorm and train.run.expected_world_size > 1:
+        model = convert_sync_batchnorm(model, cuda=torch.cuda.is_available())
+    return batch_norm_layers(model)
 
 
 def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]) -> list[str]:
@@ -271,8 +285,18 @@ def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]
             )
         elif short_window:
             why.append("batch.loss_normalization=mean: the short last window of an epoch is averaged per micro-batch")
-    if bn_layers:
-        why.append(f"BatchNorm ({', '.join(bn_layers)}): statistics are taken per micro-batch, so they change with it")
+    if bn_layers and pm is not reference:
+        from launcher.batchnorm import samples_per_statistic
+
+        ours, theirs = (
+            samples_per_statistic(p.plan.micro_batch_size, p.plan.world_size, p.train.model.sync_batchnorm)
+            for p in (pm, reference)
+        )
+        if ours != theirs:
+            why.append(
+                f"BatchNorm ({', '.join(bn_layers)}): statistics over {ours} samples per micro-step, the "
+                f"reference's over {theirs}: normalization changes with the split"
+            )
     if pm.mode.expect == EQUAL and pm is not reference:
         theirs, ours = flatten(reference.train.to_dict()), flatten(train.to_dict())
         changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if k not in SPLIT_KEYS and ours[k] != theirs[k]]
@@ -288,7 +312,7 @@ def preflight(planned: list[PlannedMode], reference: PlannedMode) -> list[str]:
     bn_cache: dict[str, list[str]] = {}
     by_cause: dict[str, list[str]] = {}
     for pm in planned:
-        key = json.dumps([dataclasses.asdict(pm.train.model), pm.train.data.seq_len])
+        key = json.dumps([dataclasses.asdict(pm.train.model), pm.train.data.seq_len, pm.plan.world_size])
         if key not in bn_cache:
             try:
                 bn_cache[key] = model_batch_norm(pm.train)
@@ -464,11 +488,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 def weights_agreement(weights: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
     """Max abs difference, relative L2 distance and cosine similarity of two state dicts, over all
-    tensors together, in float64 (a float32 sum of squares would round the very differences it measures)."""
+    floating-point tensors together, in float64 (a float32 sum of squares would round the very differences
+    it measures). Integer tensors are counters, not weights: BatchNorm's ``num_batches_tracked`` counts
+    forwards, which differ by design between K micro-steps and one big batch. BatchNorm's running mean and
+    variance are floating-point and compared: they are part of the model eval uses."""
     if weights.keys() != reference.keys():
         raise ValueError(f"different parameters: {sorted(set(weights) ^ set(reference))[:3]}")
     diff_sq = ref_sq = own_sq = dot = max_abs = 0.0
     for key, ref in reference.items():
+        if not ref.is_floating_point():
+            continue
         a, b = weights[key].double(), ref.double()
         if a.shape != b.shape:
             raise ValueError(f"{key}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -483,6 +512,11 @@ def weights_agreement(weights: dict[str, Any], reference: dict[str, Any]) -> dic
         "weights_rel_l2": math.sqrt(diff_sq / ref_sq) if ref_sq else math.sqrt(diff_sq),
         "weights_cosine": dot / math.sqrt(own_sq * ref_sq) if own_sq and ref_sq else float("nan"),
     }
+
+
+def without_running_stats(weights: dict[str, Any]) -> dict[str, Any]:
+    """A state dict without BatchNorm's running mean and variance (buffers, not trained parameters)."""
+    return {k: v for k, v in weights.items() if not k.endswith(("running_mean", "running_var"))}
 
 
 def loss_agreement(losses: list[float], reference: list[float]) -> dict[str, Any]:
@@ -578,6 +612,7 @@ def judge(
             "returncode": outcome.returncode,
             "launch_wall_s": outcome.launch_wall_s,
             "status": "ok" if run else "failed",
+            "batch_norm": run["summary"].get("batch_norm") if run else None,
             "losses": [m["loss"] for m in run["metrics"]] if run else [],
             "agreement": None,
             "cost": None,
@@ -598,6 +633,12 @@ def judge(
                         **weights_agreement(run["weights"], ref_run["weights"]),
                         "tolerance_rel_l2": tol,
                     }
+                    if entry["batch_norm"]:
+                        # The running statistics move with every forward's statistics; what training did to
+                        # the parameters alone is the other half of the story.
+                        agreement["parameters_rel_l2"] = weights_agreement(
+                            without_running_stats(run["weights"]), without_running_stats(ref_run["weights"])
+                        )["weights_rel_l2"]
                 except ValueError as err:
                     entry["error"] = f"cannot be compared with the reference: {err}"
                     entry["verdict"], entry["ok"] = "not comparable", pm.mode.expect != EQUAL

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from launcher import checkpoint
+from launcher import batchnorm, checkpoint
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
 from launcher.config import Config, OptimConfig, dump_config
 from launcher.data import IGNORE, TokenDataset
@@ -307,6 +307,7 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         "precision": cfg.precision,
         "sync": cfg.batch.sync,
         "loss_normalization": cfg.batch.loss_normalization,
+        "batch_norm": batchnorm.summary(acc.unwrap_model(ctx.model), ctx.plan.micro_batch_size, ctx.plan.world_size),
         **summarize(records, ctx.task),
         "peak_mem_bytes_per_rank": peaks,
         "peak_mem_source": memory_source(acc.device),

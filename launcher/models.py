@@ -11,7 +11,9 @@ from torch import nn
 from launcher.config import ConfigError, ModelConfig
 
 LM, CLS = "lm", "cls"
-BUILTIN_TASKS = {"tiny-gpt2": LM, "tiny-bert": CLS}
+BUILTIN_TASKS = {"tiny-gpt2": LM, "tiny-bert": CLS, "mlp-bn": CLS}
+# Built-in models that normalize with BatchNorm: a micro-batch of one sample cannot train them.
+BATCH_NORM_MODELS = frozenset({"mlp-bn"})
 
 
 class ByteTokenizer:
@@ -106,6 +108,42 @@ def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
     return ModelBundle(model, task, tok.vocab_size, tok.pad_token_id, tok.encode)
 
 
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+
+
+class MlpBatchNorm(nn.Module):
+    """Bag-of-bytes classifier with BatchNorm: embedding, masked mean over the tokens, then ``num_layers``
+    blocks of Linear -> BatchNorm1d -> ReLU, dropout, and a Linear to the classes.
+
+    Small and free of attention on purpose: what it shows is BatchNorm's dependence on the micro-batch.
+    The masked mean makes a sample's features independent of the padding its micro-batch needs.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        blocks = []
+        for _ in range(num_layers):
+            blocks += [nn.Linear(hidden_size, hidden_size), nn.BatchNorm1d(hidden_size), nn.ReLU()]
+        self.body = nn.Sequential(*blocks, nn.Dropout(dropout))
+        self.head = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return ClassifierOutput(self.head(self.body(pooled)))
+
+
+def _mlp_bn(cfg: ModelConfig) -> ModelBundle:
+    if _task_of(cfg, None) != CLS:
+        raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='mlp-bn' (a classifier)")
+    tok = ByteTokenizer()
+    model = MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_labels, cfg.dropout)
+    return ModelBundle(model, CLS, tok.vocab_size, tok.pad_token_id, tok.encode)
+
+
 def _pretrained(cfg: ModelConfig) -> ModelBundle:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -144,12 +182,16 @@ def _pretrained(cfg: ModelConfig) -> ModelBundle:
 
 def build_model(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> ModelBundle:
     """Build the model named by ``cfg`` with every dropout set to ``cfg.dropout``, in ``dtype``."""
-    if cfg.name in BUILTIN_TASKS:
+    if cfg.name == "mlp-bn":
+        bundle = _mlp_bn(cfg)
+    elif cfg.name in BUILTIN_TASKS:
         bundle = _tiny(cfg, max_positions)
     elif cfg.name.startswith("hf:"):
         bundle = _pretrained(cfg)
     else:
-        raise ConfigError(f"model.name={cfg.name!r} is not known; choose tiny-gpt2, tiny-bert or hf:<folder or hub id>")
+        raise ConfigError(
+            f"model.name={cfg.name!r} is not known; choose tiny-gpt2, tiny-bert, mlp-bn or hf:<folder or hub id>"
+        )
     _force_dropout(bundle.model, cfg.dropout)
     bundle.model.to(dtype)
     return bundle

@@ -130,9 +130,76 @@ def headline(result: dict[str, Any]) -> str:
     )
 
 
+BATCH_NORM_HEADER = [
+    "mode",
+    "launch",
+    "BatchNorm",
+    "samples/statistic",
+    "reference's",
+    "rel L2",
+    "rel L2, parameters",
+    "loss max |Δ|",
+    "verdict",
+]
+BATCH_NORM_WHY = (
+    "BatchNorm normalizes each forward with the mean and variance of that forward's samples, so a mode whose "
+    "statistics cover fewer samples than the reference's trains another function, whatever the loss scaling: "
+    "accumulation runs K separate forwards, and nothing done to the loss merges their statistics. SyncBatchNorm "
+    "all-reduces the statistics over the ranks of one micro-step (processes x micro batch samples): that recovers "
+    "the big batch for DDP without accumulation, but not across the micro-steps of a window, which are separate "
+    "forwards in time. The running statistics (compared with the weights; used in eval) follow the same split, "
+    "and under DDP with plain BatchNorm they are rank 0's alone (DDP broadcasts rank 0's buffers)."
+)
+
+
+def _batch_norm_modes(result: dict[str, Any]) -> tuple[int | None, list[dict[str, Any]]]:
+    """The reference's samples per statistic and the modes whose runs had BatchNorm ([] when none had)."""
+    ref = next((m for m in result["modes"] if m["is_reference"]), None)
+    ref_bn = ref.get("batch_norm") if ref else None
+    return (ref_bn["samples_per_statistic"] if ref_bn else None), [m for m in result["modes"] if m.get("batch_norm")]
+
+
+def batch_norm_rows(result: dict[str, Any]) -> list[list[str]]:
+    ref_samples, modes = _batch_norm_modes(result)
+    rows = []
+    for m in modes:
+        bn, a = m["batch_norm"], m["agreement"] or {}
+        rows.append(
+            [
+                m["name"],
+                launch_of(m),
+                f"{bn['layers']} layers" + (", synced over ranks" if bn["sync"] else ""),
+                str(bn["samples_per_statistic"]),
+                "-" if ref_samples is None else str(ref_samples),
+                sci(a.get("weights_rel_l2")),
+                sci(a.get("parameters_rel_l2")),
+                sci(a.get("loss_max_abs_diff")),
+                m["verdict"],
+            ]
+        )
+    return rows
+
+
+def batch_norm_finding(result: dict[str, Any]) -> str | None:
+    """One line: samples per statistic and drift of every BatchNorm mode against the reference."""
+    ref_samples, modes = _batch_norm_modes(result)
+    judged = [m for m in modes if m["agreement"] and not m["is_reference"]]
+    if ref_samples is None or not judged:
+        return None
+    per_mode = ", ".join(
+        f"{m['name']} {m['batch_norm']['samples_per_statistic']} -> {sci(m['agreement']['weights_rel_l2'])} "
+        f"({sci(m['agreement'].get('parameters_rel_l2'))})"
+        for m in judged
+    )
+    return (
+        f"BatchNorm, samples per statistic -> relative L2 to {result['reference']} (parameters alone in parentheses; "
+        f"the reference takes {ref_samples}): {per_mode}"
+    )
+
+
 def findings(result: dict[str, Any]) -> list[str]:
     """The comparison in sentences: what syncing every micro-step costs against the same split with
-    no_sync, and how far each baseline expected to differ ended from the reference."""
+    no_sync, how far each baseline expected to differ ended from the reference, and what BatchNorm did."""
     lines = []
     measured = [m for m in result["modes"] if m["cost"]]
     for m in measured:
@@ -162,7 +229,8 @@ def findings(result: dict[str, Any]) -> list[str]:
                 f"{m['name']} (expected to differ) ends {a['weights_rel_l2']:.2e} away from {result['reference']} "
                 f"(relative L2 of the weights); its loss is off by up to {a['loss_max_abs_diff']:.2e}"
             )
-    return lines
+    bn_line = batch_norm_finding(result)
+    return [*lines, bn_line] if bn_line else lines
 
 
 # ----------------------------------------------------------------------------------------------- terminal
@@ -220,9 +288,37 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"  # "|Δ|" must not split a cell
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *[line(row) for row in rows]])
+
+
+def batch_norm_section(result: dict[str, Any]) -> list[str]:
+    """report.md's BatchNorm section, when any mode's model had BatchNorm layers."""
+    rows = batch_norm_rows(result)
+    if not rows:
+        return []
+    parts = [
+        "## BatchNorm",
+        "",
+        BATCH_NORM_WHY,
+        "",
+        "Per mode: the BatchNorm layers, the samples each statistic is taken over (micro batch, times the "
+        "processes when synced) against the reference's, and the measured drift from the reference: the relative "
+        "L2 distance of all floating-point tensors (the one judged), of the trained parameters alone (without the "
+        "running statistics), and the largest per-step loss difference.",
+        "",
+        _md_table(BATCH_NORM_HEADER, rows),
+        "",
+    ]
+    if any(m["batch_norm"]["sync"] for m in result["modes"] if m.get("batch_norm")):
+        parts += [
+            "SyncBatchNorm's own all-reduces (per layer and micro-step, one in forward and one in backward) are "
+            "not in the cost table's all-reduce columns, which count gradient buckets; they show in the step time.",
+            "",
+        ]
+    return parts
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -255,6 +351,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "![loss curves](loss_curves.png)",
         "",
+        *batch_norm_section(result),
         "## Cost",
         "",
         "From each run's `summary.json`: median optimizer-step time and its ratio to the reference, throughput, "

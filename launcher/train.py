@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 import torch
 from accelerate.utils import set_seed
 
-from launcher import checkpoint, distributed
+from launcher import batchnorm, checkpoint, distributed
 from launcher.batching import BatchPlan, SampleOrder, plan_batch
 from launcher.config import Config, UserError, load_config
 from launcher.data import build_dataset
@@ -86,9 +86,18 @@ def build(cfg: Config, accelerator) -> StepContext:
     plan = plan_batch(
         cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.batch.accum_steps, accelerator.num_processes
     )
-    optimizer = build_optimizer(cfg.optim, bundle.model)
+    batchnorm.check_micro_batch(cfg.model, plan.micro_batch_size, bundle.model)  # a hub model may have BatchNorm
+    # DDP's default broadcast_buffers=True copies rank 0's buffers to every rank at the first forward after
+    # each synced backward (once per optimizer step). With SyncBatchNorm every rank computes the same running
+    # statistics, so the copy changes nothing; with plain BatchNorm it discards the other ranks' updates: the
+    # running statistics (used in eval, saved from rank 0) follow rank 0's micro-batches alone.
+    model = bundle.model
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        # Before prepare(): DDP must wrap, and register the buffers of, the layers that will run.
+        model = batchnorm.convert_sync_batchnorm(model, cuda=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(cfg.optim, model)
     # Only model and optimizer go through prepare(): the sample order and the LR are owned by the loop.
-    model, optimizer = accelerator.prepare(bundle.model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
     # Different dropout draws per rank, as separate devices would have; identical runs stay identical.
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)
     order = SampleOrder(len(dataset), plan.global_batch_size, cfg.run.seed)
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.batch.accum_steps,
             distributed.launched_world_size(),
         )
+        batchnorm.check_micro_batch(cfg.model, plan.micro_batch_size)
         resume = resume_point(cfg, plan)
         # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
         own = (
