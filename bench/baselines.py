@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
-from launcher.config import DataConfig, ModelConfig
-from launcher.data import IGNORE, build_dataset
+from launcher.config import DataConfig, EvalConfig, ModelConfig
+from launcher.data import IGNORE, build_datasets
 from launcher.models import build_model
 
 
@@ -50,13 +50,14 @@ def build(args: argparse.Namespace):
         args.seq_len,
         torch.float32,
     )
-    data = build_dataset(
+    data = build_datasets(
         DataConfig(name="synthetic-lm", num_samples=args.num_samples, seq_len=args.seq_len),
+        EvalConfig(),
         bundle,
         seed=0,
         num_labels=2,
     )
-    return bundle.model, data
+    return bundle.model, data.train
 
 
 def plain(args: argparse.Namespace) -> list[float]:

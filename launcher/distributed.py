@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -108,6 +110,34 @@ def comm_failure_message(err: BaseException) -> str | None:
         f"lost contact with the other processes: a collective failed or did not finish within "
         f"run.dist_timeout_s ({reason}); check the network between the machines and the other machines' logs"
     )
+
+
+@contextmanager
+def local_main_first(accelerator: Accelerator) -> Iterator[None]:
+    """Run the block on each machine's first process, then on the others (a cold tokenization cache is
+    filled once per machine, then read by the rest).
+
+    Unlike ``accelerator.local_main_process_first()``, the first process reaches the barrier even when the
+    block raises, so the others are released, run the block themselves and raise the same user error
+    instead of waiting for a collective timeout. The block's work must finish within run.dist_timeout_s.
+    """
+    if not accelerator.is_local_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if accelerator.is_local_main_process:
+            accelerator.wait_for_everyone()
+
+
+def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics among them) to every rank: rank 0's model is the
+    one saved, so an evaluation on every rank then measures the saved model."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def shutdown() -> None:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from launcher import batchnorm, checkpoint
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
 from launcher.config import Config, OptimConfig, dump_config
-from launcher.data import IGNORE, TokenDataset
+from launcher.data import IGNORE, TokenDataset, model_inputs
 from launcher.distributed import all_reduce_sum, backend_name, gather_object
 from launcher.metrics import (
     RESULT_FILES,
@@ -43,7 +43,7 @@ from launcher.metrics import (
     write_text_atomic,
 )
 from launcher.models import LM
-from launcher.terminal import StepProgress, print_summary
+from launcher.terminal import StepProgress, describe_eval, print_summary
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -76,13 +76,23 @@ def count_items(labels: torch.Tensor, task: str) -> int:
     return int((_targets(labels, task) != IGNORE).sum())
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum (not mean) of per-item cross-entropy; ignored items add exactly zero."""
+def _aligned(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and their targets, flattened to (items, classes) and (items,)."""
     if task == LM:
         logits = logits[:, :-1]
-    targets = _targets(labels, task)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    return logits.reshape(-1, logits.size(-1)), _targets(labels, task).reshape(-1)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Sum (not mean) of per-item cross-entropy; ignored items add exactly zero."""
+    return F.cross_entropy(*_aligned(logits, labels, task), ignore_index=IGNORE, reduction="sum")
+
+
+def item_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy per item, ignored items exactly zero: shape (batch,) for a classifier, (batch, length - 1)
+    for an LM."""
+    return F.cross_entropy(*_aligned(logits, labels, task), ignore_index=IGNORE, reduction="none").view(
+        _targets(labels, task).shape
     )
 
 
@@ -101,6 +111,9 @@ class StepContext:
     counter: CommCounter = field(default_factory=CommCounter)
     start_step: int = 0  # steps already done (a resumed run)
     stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
+    # evaluator(model, step) -> the eval result dict, the same on every rank; None without an eval set.
+    evaluator: Callable[[torch.nn.Module, int], dict[str, Any]] | None = None
+    data_info: dict[str, Any] = field(default_factory=dict)  # summary.json's "data"
 
 
 class NonFiniteError(RuntimeError):
@@ -134,7 +147,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, Any], bool]:
         syncing = last or ctx.cfg.batch.sync == "every_step"
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         with contextlib.nullcontext() if syncing else acc.no_sync(ctx.model):
-            logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = ctx.model(**model_inputs(batch)).logits
             loss_sum = summed_loss(logits, batch["labels"], task)
             if poison and m == 0:
                 loss_sum = loss_sum * float("nan")  # test hook: a NaN on this rank only
@@ -234,6 +247,11 @@ def _wants_checkpoint(cfg: Config, done: int, stop: bool) -> bool:
     return stop or done == cfg.run.max_steps or done == cfg.run.stop_at_step or (every > 0 and done % every == 0)
 
 
+def _wants_eval(cfg: Config, done: int) -> bool:
+    every = cfg.eval.every_steps
+    return done == cfg.run.max_steps or (every > 0 and done % every == 0)
+
+
 def _open_outputs(ctx: StepContext, out: Path) -> tuple[JsonlWriter, list[dict[str, Any]]]:
     """Main process: config.yaml, and metrics.jsonl fresh or continued after the checkpoint's step."""
     write_text_atomic(out / "config.yaml", dump_config(ctx.cfg))
@@ -274,10 +292,15 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
     try:
         for step in range(ctx.start_step, cfg.run.max_steps):
             record, stop = train_step(ctx, step)
+            if ctx.evaluator is not None and _wants_eval(cfg, step + 1):
+                # Between steps, outside step_time_s; its result rides on this step's metrics line.
+                record["eval"] = ctx.evaluator(ctx.model, step + 1)
             records.append(record)
             if main:
                 metrics.write(record)
                 progress.update(record)
+                if "eval" in record:
+                    progress.note(f"eval {describe_eval(record['eval'])}")
             _check_nonfinite(cfg, records[prior:])
             done = step + 1
             # A stop asked for during the last step changes nothing: the run finishes normally.
@@ -313,6 +336,8 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         "peak_mem_source": memory_source(acc.device),
         "wall_time_s": now_s() - started,
         "resumed_from_step": ctx.start_step,
+        "data": ctx.data_info,
+        "eval": next((r["eval"] for r in reversed(records[prior:]) if "eval" in r), None),
         "stopped": False,
         "output_dir": str(out),
         "versions": library_versions(),

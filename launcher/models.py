@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +18,13 @@ LM, CLS = "lm", "cls"
 BUILTIN_TASKS = {"tiny-gpt2": LM, "tiny-bert": CLS, "mlp-bn": CLS}
 # Built-in models that normalize with BatchNorm: a micro-batch of one sample cannot train them.
 BATCH_NORM_MODELS = frozenset({"mlp-bn"})
+ENCODE_BATCH_ROWS = 1000  # rows per tokenizer call: fast tokenizers work on a batch in parallel
+
+# What an encoder returns: "input_ids" per row, and "token_type_ids" (0 = first text, 1 = second) for pairs when
+# the tokenizer makes them (BERT-style models were pretrained with these segment ids).
+Encoded = dict[str, list[list[int]]]
+# encode(texts, pairs or None, max_length) -> Encoded
+Encoder = Callable[[list[str], list[str] | None, int], Encoded]
 
 
 class ByteTokenizer:
@@ -22,9 +33,16 @@ class ByteTokenizer:
     vocab_size = 258
     pad_token_id = 256
     bos_token_id = 257
+    fingerprint = "byte-tokenizer-v1"  # the tokenization cache's key for it: change it when encode() changes
 
-    def encode(self, text: str, max_length: int) -> list[int]:
-        return [self.bos_token_id, *text.encode("utf-8")][:max_length]
+    def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
+        """``[bos] + a`` or, for a pair, ``[bos] + a + [bos] + b``; truncated to ``max_length`` tokens."""
+        bos = self.bos_token_id
+        if pairs is None:
+            rows = [[bos, *a.encode("utf-8")] for a in texts]
+        else:
+            rows = [[bos, *a.encode("utf-8"), bos, *b.encode("utf-8")] for a, b in zip(texts, pairs, strict=True)]
+        return {"input_ids": [row[:max_length] for row in rows]}
 
 
 @dataclass
@@ -33,7 +51,9 @@ class ModelBundle:
     task: str  # LM or CLS
     vocab_size: int
     pad_token_id: int
-    encode: object  # callable(text, max_length) -> list[int]
+    encode: Encoder
+    # Changes whenever the tokenizer would give other ids: part of the tokenization cache's key.
+    tokenizer_fingerprint: str = ByteTokenizer.fingerprint
 
 
 def _set_dropout(config: object, p: float) -> None:
@@ -105,7 +125,70 @@ def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
     # Eager attention: the same kernels for every batch shape, so splits compare exactly.
     config._attn_implementation = "eager"
     model = build(config)
-    return ModelBundle(model, task, tok.vocab_size, tok.pad_token_id, tok.encode)
+    return ModelBundle(model, task, tok.vocab_size, tok.pad_token_id, tok.encode, tok.fingerprint)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (or its type): library errors run to many lines."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _unknown_architecture(name: str, model_type: str) -> ConfigError:
+    import transformers
+
+    return ConfigError(
+        f"model.name={name!r} is a {model_type!r} model (config.json model_type), an architecture transformers "
+        f"{transformers.__version__} does not know; use a model of a known type or a transformers that has it"
+    )
+
+
+def _check_local_folder(name: str, folder: Path) -> None:
+    """A missing folder, a folder without config.json and an unknown architecture, each in its own words
+    (transformers would report all three as a long, generic message)."""
+    from transformers import CONFIG_MAPPING
+
+    if not folder.is_dir():
+        raise ConfigError(f"model.name={name!r}: no such folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.name={name!r}: the folder has no config.json (save the model with save_pretrained)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"model.name={name!r}: {config_file.name} is not a JSON object") from None
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise _unknown_architecture(name, model_type)
+
+
+def tokenizer_fingerprint(tokenizer: object) -> str:
+    """A hash of everything that decides a transformers tokenizer's ids: for a fast tokenizer its whole
+    serialized pipeline (vocabulary, normalizer, pre-tokenizer, post-processor), else its vocabulary and
+    special tokens; plus the class and the truncation side."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    if getattr(tokenizer, "is_fast", False):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "truncation_side", "right")).encode())
+    return digest.hexdigest()
+
+
+def _hf_encoder(tokenizer: object) -> Encoder:
+    def encode(texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
+        out: Encoded = {"input_ids": []}
+        for start in range(0, len(texts), ENCODE_BATCH_ROWS):
+            chunk = slice(start, start + ENCODE_BATCH_ROWS)
+            encoded = tokenizer(
+                texts[chunk], pairs[chunk] if pairs is not None else None, truncation=True, max_length=max_length
+            )
+            out["input_ids"] += encoded["input_ids"]
+            # Segment ids matter only for a pair (one text is all zeros, the models' default).
+            if pairs is not None and "token_type_ids" in encoded:
+                out.setdefault("token_type_ids", []).extend(encoded["token_type_ids"])
+        return out
+
+    return encode
 
 
 @dataclass
@@ -141,7 +224,7 @@ def _mlp_bn(cfg: ModelConfig) -> ModelBundle:
         raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='mlp-bn' (a classifier)")
     tok = ByteTokenizer()
     model = MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_labels, cfg.dropout)
-    return ModelBundle(model, CLS, tok.vocab_size, tok.pad_token_id, tok.encode)
+    return ModelBundle(model, CLS, tok.vocab_size, tok.pad_token_id, tok.encode, tok.fingerprint)
 
 
 def _pretrained(cfg: ModelConfig) -> ModelBundle:
@@ -151,14 +234,23 @@ def _pretrained(cfg: ModelConfig) -> ModelBundle:
     if not source:
         raise ConfigError("model.name='hf:' needs a local folder or a hub id after 'hf:'")
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
-    if looks_local and not Path(source).expanduser().is_dir():
-        raise ConfigError(f"model.name={cfg.name!r}: no such folder")
+    if looks_local:
+        _check_local_folder(cfg.name, Path(source).expanduser())
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model.name={cfg.name!r} could not be loaded (offline or unknown?): {first}") from None
+        unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", str(err))
+        if unknown:
+            raise _unknown_architecture(cfg.name, unknown.group(1)) from None
+        if looks_local:
+            raise ConfigError(
+                f"model.name={cfg.name!r} could not be loaded from its folder: {first_line(err)}"
+            ) from None
+        raise ConfigError(
+            f"model.name={cfg.name!r} is not a local folder and could not be loaded from the hub "
+            f"(no network, or no such model?): {first_line(err)}"
+        ) from None
     task = _task_of(cfg, getattr(config, "architectures", None))
     _set_dropout(config, cfg.dropout)
     if task == CLS and getattr(config, "num_labels", None) != cfg.num_labels:
@@ -167,17 +259,16 @@ def _pretrained(cfg: ModelConfig) -> ModelBundle:
     try:
         model = auto.from_pretrained(source, config=config)
     except ValueError as err:
-        raise ConfigError(f"model.name={cfg.name!r} has no {task} head: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"model.name={cfg.name!r} has no {task} head: {first_line(err)}") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError(f"model.name={cfg.name!r}: the tokenizer has neither a pad nor an eos token")
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad
 
-    def encode(text: str, max_length: int) -> list[int]:
-        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-
-    return ModelBundle(model, task, model.config.vocab_size, pad, encode)
+    return ModelBundle(
+        model, task, model.config.vocab_size, pad, _hf_encoder(tokenizer), tokenizer_fingerprint(tokenizer)
+    )
 
 
 def build_model(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> ModelBundle:

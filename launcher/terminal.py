@@ -47,9 +47,24 @@ class StepProgress:
         elif record["step"] % self.log_every_steps == 0 or record["step"] == self.total_steps:
             print(f"step {record['step']}/{self.total_steps}  {info}", flush=True)
 
+    def note(self, line: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def describe_eval(result: dict[str, Any]) -> str:
+    """One line for an eval result dict (launcher.evaluate): loss and the task's metrics."""
+    line = f"step {result['step']}: loss {result['loss']:.4f}"
+    if "accuracy" in result:
+        return f"{line} accuracy {result['accuracy']:.4f} macro_f1 {result['macro_f1']:.4f} (n={result['num_samples']})"
+    return f"{line} perplexity {result['perplexity']:.3f} (n={result['num_samples']}, {result['tokens']} tokens)"
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
@@ -73,6 +88,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         ("all-reduce", f"{totals['allreduce_bytes'] / 2**20:,.2f} MiB in {totals['allreduce_calls']} calls"),
         ("peak memory / process", f"{max(summary['peak_mem_bytes_per_rank']) / 2**20:,.1f} MiB"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        *([("eval", describe_eval(summary["eval"]))] if summary.get("eval") else []),
         ("output", summary["output_dir"]),
     ]
     for what, value in rows:
@@ -124,6 +140,13 @@ class ModesProgress:
     def _say(self, line: str) -> None:
         # markup off: a log line may hold [brackets] that rich would read as styles.
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, line: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -23,7 +23,8 @@ from accelerate.utils import set_seed
 from launcher import batchnorm, checkpoint, distributed
 from launcher.batching import BatchPlan, SampleOrder, plan_batch
 from launcher.config import Config, UserError, load_config
-from launcher.data import build_dataset
+from launcher.data import build_datasets
+from launcher.evaluate import Evaluator
 from launcher.loop import NonFiniteError, StepContext, build_optimizer, run_loop
 from launcher.metrics import check_output_dir
 from launcher.models import LM, build_model
@@ -79,10 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build(cfg: Config, accelerator) -> StepContext:
-    """Model, data, batch plan and optimizer, prepared for the launch (same seed: same initial weights)."""
+    """Model, data, batch plan, optimizer and evaluator, prepared for the launch (same seed: same initial weights)."""
     set_seed(cfg.run.seed)
     bundle = build_model(cfg.model, cfg.data.seq_len, DTYPES[cfg.run.dtype])
-    dataset = build_dataset(cfg.data, bundle, cfg.run.seed, cfg.model.num_labels)
+    # Each machine's first process tokenizes (and fills the cache); the others then read the cache.
+    with distributed.local_main_first(accelerator):
+        data = build_datasets(cfg.data, cfg.eval, bundle, cfg.run.seed, cfg.model.num_labels)
     plan = plan_batch(
         cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.batch.accum_steps, accelerator.num_processes
     )
@@ -100,8 +103,22 @@ def build(cfg: Config, accelerator) -> StepContext:
     model, optimizer = accelerator.prepare(model, optimizer)
     # Different dropout draws per rank, as separate devices would have; identical runs stay identical.
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)
-    order = SampleOrder(len(dataset), plan.global_batch_size, cfg.run.seed)
-    return StepContext(cfg, accelerator, model, optimizer, dataset, plan, order, bundle.task)
+    order = SampleOrder(len(data.train), plan.global_batch_size, cfg.run.seed)
+    evaluator = None
+    if data.eval is not None:
+        evaluator = Evaluator(accelerator, data.eval, cfg.eval.batch_size or plan.micro_batch_size, bundle.task)
+    return StepContext(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        data.train,
+        plan,
+        order,
+        bundle.task,
+        evaluator=evaluator,
+        data_info=data.info,
+    )
 
 
 def describe_plan(ctx: StepContext) -> str:
@@ -114,6 +131,7 @@ def describe_plan(ctx: StepContext) -> str:
         f"{line}\n      backend={distributed.backend_name()} device={ctx.accelerator.device} dtype={cfg.run.dtype} "
         f"precision={cfg.precision} sync={cfg.batch.sync} loss_normalization={cfg.batch.loss_normalization} "
         f"steps={cfg.run.max_steps} samples={len(ctx.dataset)} ({ctx.order.steps_per_epoch} steps/epoch)"
+        f"\n      eval_samples={ctx.data_info['eval_samples']} tokenized_cache={ctx.data_info['tokenized_cache']}"
     )
 
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from launcher.compare import read_run, weights_agreement  # noqa: F401 - read_run is shared with the tests
 from launcher.launch import REPO, accelerate_command, launch_env
 
 TRAIN = "launcher/train.py"
 TINY_LM = "configs/runs/tiny_lm.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def tokenization_cache_in_tmp(tmp_path_factory):
+    """Runs started by the tests (data.cache_dir=auto) cache tokenized data in the session's temp folder: never
+    in the home folder, and never a hit left over from an earlier session."""
+    os.environ["ACCUM_CACHE"] = str(tmp_path_factory.mktemp("accum-cache"))
 
 
 def launch(

@@ -55,6 +55,29 @@ def test_bad_input_gets_one_clear_line(tmp_path, case):
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+# Errors about data files: (overrides, with {csv} for a CSV of columns text,other,label) -> words of the line.
+DATA_FILE_CASES = {
+    "eval_file_missing": (
+        ("eval.file=/nonexistent/eval.csv",),
+        ("eval.file='/nonexistent/eval.csv'", "no such file"),
+    ),
+    "pair_column_missing": (
+        ("data.text_pair_column=sentence2",),
+        ("data.text_pair_column='sentence2'", "not a column", "columns: text, other, label"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_FILE_CASES))
+def test_bad_data_file_input_gets_one_clear_line(tmp_path, case):
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,other,label\ngood,x,1\nbad,y,0\n")
+    overrides, words = DATA_FILE_CASES[case]
+    proc = train_directly(tmp_path, "model.name=tiny-bert", f"data.name={csv}", *overrides)
+    assert_one_clear_line(proc, words)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
 def test_missing_config_file(tmp_path):
     proc = subprocess.run(
         [sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"],
