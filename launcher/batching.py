@@ -104,3 +104,12 @@ def micro_batch_ids(window: list[int], plan: BatchPlan, rank: int, micro_step: i
     """The samples of rank ``rank`` at ``micro_step``: up to B, possibly none in a short window."""
     start = (micro_step * plan.world_size + rank) * plan.micro_batch_size
     return window[start : start + plan.micro_batch_size]
+
+
+def resolve_max_steps(max_steps: int, max_epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps to train: ``max_steps``, or with ``max_epochs`` > 0, enough steps to cover that many
+    passes (rounded up, so a fraction of an epoch is trained rather than dropped)."""
+    if max_epochs <= 0:
+        return max_steps
+    # round() first: 0.3 x 10 is 3.0000000000000004 in floating point, which must not become 4 steps.
+    return max(1, math.ceil(round(max_epochs * steps_per_epoch, 9)))

@@ -9,7 +9,7 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNNN/`` holding
     meta.json           step, batch plan, model, dtype, and every file's size; written last
 
 The step is the whole position of a run: the sample order (``batching.SampleOrder``) and the
-learning rate (``loop.lr_at``) are pure functions of it. Nothing is loaded with pickle: ``.pt``
+learning rate (``lr.lr_at``) are pure functions of it. Nothing is loaded with pickle: ``.pt``
 files go through ``torch.load(weights_only=True)``, the rest are safetensors and JSON.
 
 A checkpoint is written into ``.tmp-step-NNNNNNNN/``, every file fsynced, then renamed: a folder
@@ -271,8 +271,15 @@ def check_compatible(info: CheckpointInfo, cfg: Config, plan: BatchPlan) -> None
             f"{where} was written with global_batch_size={saved_batch}, this run has {plan.global_batch_size}: "
             "the steps would not continue the same samples; set run.allow_batch_change=true to resume anyway"
         )
+
+
+def check_step(info: CheckpointInfo, cfg: Config) -> None:
+    """Refuse a checkpoint past the end of this run; called once run.max_steps is resolved (run.max_epochs
+    needs the training set's size)."""
     if info.step > cfg.run.max_steps:
-        raise CheckpointError(f"{where} is at step {info.step}, past run.max_steps={cfg.run.max_steps}")
+        raise CheckpointError(
+            f"checkpoint {str(info.path)!r} is at step {info.step}, past run.max_steps={cfg.run.max_steps}"
+        )
 
 
 def _load_pt(path: Path) -> Any:

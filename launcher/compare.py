@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -44,12 +45,14 @@ from launcher.config import (
     apply_overrides,
     build_config,
     dump_config,
+    flatten,
     read_yaml,
     set_dotted,
 )
 from launcher.launch import Machine, accelerate_command, free_port, launch_env, threads_per_device
+from launcher.lr import ResolvedOptim, resolve_optim
 
-EQUAL, DIFFER = "equal", "differ"
+EQUAL, DIFFER, SWEEP = "equal", "differ", "sweep"
 # Keys a mode may change and still be expected to train the same model: how the global batch is split,
 # how often it syncs (SyncBatchNorm changes how BatchNorm's statistics are computed over the split, not the
 # model), and where it writes. Anything else that differs from the reference is flagged.
@@ -81,7 +84,10 @@ class ModeConfig:
         "host over loopback (a rehearsal of the multi-node launch: separate agents, one rendezvous, gloo over TCP)",
     )
     expect: str = _field(
-        EQUAL, "equal: must agree with the reference within tolerance; differ: a baseline", (EQUAL, DIFFER)
+        EQUAL,
+        "equal: must agree with the reference within tolerance; differ: a baseline; sweep: another setting "
+        "(batch, lr), reported and never judged",
+        (EQUAL, DIFFER, SWEEP),
     )
     baseline: bool = _field(False, "shown for contrast (costs more, or trains differently); expect=differ implies it")
     description: str = _field("", "one line for the report")
@@ -155,18 +161,6 @@ def load_compare_config(path: str | Path, overrides: list[str] = ()) -> CompareC
     return validate_compare(_build(CompareConfig, data, ""))
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"batch": {"sync": x}}`` and ``{"batch.sync": x}`` both -> ``{"batch.sync": x}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 @dataclass
 class PlannedMode:
     """One mode, resolved before anything runs: its full training config and batch plan."""
@@ -175,11 +169,17 @@ class PlannedMode:
     mode: ModeConfig
     train: Config
     plan: BatchPlan
+    optim: ResolvedOptim  # the batch-scaled lr (and betas) the trainer will use
     overrides: dict[str, Any]  # the mode's own, flat
 
     @property
     def run_dir(self) -> Path:
         return Path(self.train.run.output_dir)
+
+    @property
+    def known_max_steps(self) -> int | None:
+        """Optimizer steps of this mode, or None until the run has resolved run.max_epochs (it needs the data)."""
+        return None if self.train.run.max_epochs > 0 else self.train.run.max_steps
 
     def describe(self) -> str:
         from launcher.report import processes_of
@@ -214,9 +214,10 @@ def plan_modes(cfg: CompareConfig) -> list[PlannedMode]:
                 train.batch.global_batch_size, train.batch.micro_batch_size, train.batch.accum_steps, mode.num_processes
             )
             check_micro_batch(train.model, plan.micro_batch_size)
+            optim = resolve_optim(train.optim, plan.global_batch_size)
         except ConfigError as err:
             raise ConfigError(f"mode {name!r}: {err}") from None
-        planned.append(PlannedMode(name, mode, train, plan, own))
+        planned.append(PlannedMode(name, mode, train, plan, optim, own))
     return planned
 
 
@@ -377,6 +378,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
+def resolved_max_steps(run_dir: Path) -> int | None:
+    """run.max_steps as the trainer resolved it, from the config.yaml it writes before its first step."""
+    try:
+        return int(read_yaml(run_dir / "config.yaml")["run"]["max_steps"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None  # not written yet
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     """Stop launches and their workers: each launcher is a session leader, so its group holds them all.
     SIGTERM first, to every launch at once (the trainer stops at a step boundary); SIGKILL what is left."""
@@ -434,6 +443,7 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: Any) -
     procs: list[subprocess.Popen] = []
     exited: dict[int, int] = {}  # machine rank -> exit code, in the order the launches ended
     note = ""
+    total_steps = pm.known_max_steps
     try:
         for command, log in zip(commands, logs, strict=True):
             with log.open("w") as log_file:  # the launch keeps its own descriptor
@@ -456,7 +466,8 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: Any) -
             if len(exited) == len(procs) or any(exited.values()):
                 break
             records = read_metrics(pm.run_dir / "metrics.jsonl")
-            progress.update(pm.name, len(records), records[-1]["loss"] if records else None)
+            total_steps = total_steps or resolved_max_steps(pm.run_dir)
+            progress.update(pm.name, len(records), records[-1]["loss"] if records else None, total_steps)
             if time.perf_counter() - started > cfg.timeout_s:
                 note = f"compare: stopped after timeout_s={cfg.timeout_s:g}"
                 break
@@ -520,9 +531,10 @@ def without_running_stats(weights: dict[str, Any]) -> dict[str, Any]:
 
 
 def loss_agreement(losses: list[float], reference: list[float]) -> dict[str, Any]:
-    """Per-step loss deviation from the reference (signed), and its largest absolute value."""
+    """Per-step loss deviation from the reference (signed), and its largest absolute value; all None when the
+    step counts differ (another global batch or number of epochs: step s is not the same data)."""
     if len(losses) != len(reference):
-        raise ValueError(f"{len(losses)} logged steps vs {len(reference)} in the reference")
+        return {"loss_max_abs_diff": None, "final_loss_diff": None, "loss_deviation": None}
     deviation = [a - b for a, b in zip(losses, reference, strict=True)]
     return {
         "loss_max_abs_diff": max((abs(d) for d in deviation), default=0.0),
@@ -562,6 +574,8 @@ def verdict(expect: str, rel_l2: float, tol: float, is_reference: bool) -> tuple
     """(words for the report, whether the comparison passes on this mode)."""
     if is_reference:
         return "reference", True
+    if expect == SWEEP:  # another setting on purpose: its distance is shown, not judged
+        return "swept", True
     within = rel_l2 <= tol
     if expect == EQUAL:
         return ("agrees" if within else "DISAGREES"), within
@@ -587,6 +601,7 @@ def judge(
     for pm in planned:
         outcome = outcomes[pm.name]
         run = runs.get(pm.name)
+        summary = run["summary"] if run else {}
         entry: dict[str, Any] = {
             "name": pm.name,
             "description": pm.mode.description,
@@ -606,6 +621,13 @@ def judge(
             "precision": pm.train.precision,
             "sync": pm.train.batch.sync,
             "loss_normalization": pm.train.batch.loss_normalization,
+            # What the run used (its summary.json); the planned resolution when it did not finish.
+            "lr": pm.train.optim.lr,
+            "lr_scaling": pm.train.optim.lr_scaling,
+            "lr_resolved": summary["optim"]["lr_resolved"] if run else pm.optim.lr,
+            "max_steps": summary.get("max_steps", pm.known_max_steps),
+            "epochs": summary.get("epochs"),
+            "eval": summary.get("eval"),
             "run_dir": str(pm.run_dir),
             "log": str(outcome.log),
             "machine_logs": [str(path) for path in outcome.logs],
@@ -614,39 +636,22 @@ def judge(
             "status": "ok" if run else "failed",
             "batch_norm": run["summary"].get("batch_norm") if run else None,
             "losses": [m["loss"] for m in run["metrics"]] if run else [],
+            # The loss curves' x axis: modes with different global batches line up by the data they have seen.
+            "samples_seen": list(itertools.accumulate(m["samples"] for m in run["metrics"])) if run else [],
             "agreement": None,
             "cost": None,
         }
         if not run:
             entry["error"] = read_errors.get(pm.name) or outcome.reason()
             entry["log_tail"] = outcome.log_tail()
-            entry["verdict"], entry["ok"] = "failed", False
+            # A sweep never fails the comparison: a setting that diverges is a result too (shown, with its log).
+            entry["verdict"], entry["ok"] = "failed", pm.mode.expect == SWEEP
         else:
             entry["cost"] = cost_of(run["summary"], ref_run["summary"] if ref_run else None)
             if ref_run is None:
                 entry["verdict"], entry["ok"] = "not judged: the reference failed", pm.mode.expect != EQUAL
             else:
-                tol = tolerance_for({pm.train.run.dtype, ref_run["summary"]["dtype"]}, cfg.tolerance)
-                try:
-                    agreement = {
-                        **loss_agreement(entry["losses"], [m["loss"] for m in ref_run["metrics"]]),
-                        **weights_agreement(run["weights"], ref_run["weights"]),
-                        "tolerance_rel_l2": tol,
-                    }
-                    if entry["batch_norm"]:
-                        # The running statistics move with every forward's statistics; what training did to
-                        # the parameters alone is the other half of the story.
-                        agreement["parameters_rel_l2"] = weights_agreement(
-                            without_running_stats(run["weights"]), without_running_stats(ref_run["weights"])
-                        )["weights_rel_l2"]
-                except ValueError as err:
-                    entry["error"] = f"cannot be compared with the reference: {err}"
-                    entry["verdict"], entry["ok"] = "not comparable", pm.mode.expect != EQUAL
-                else:
-                    entry["agreement"] = agreement
-                    entry["verdict"], entry["ok"] = verdict(
-                        pm.mode.expect, agreement["weights_rel_l2"], tol, pm.name == ref_name
-                    )
+                _judge_against(entry, pm, run, ref_run, cfg.tolerance)
         modes.append(entry)
     first = next(iter(runs.values()), None)
     return {
@@ -666,13 +671,42 @@ def judge(
     }
 
 
+def _judge_against(
+    entry: dict[str, Any], pm: PlannedMode, run: dict[str, Any], ref_run: dict[str, Any], tolerance: ToleranceConfig
+) -> None:
+    """Fill ``entry``'s agreement with the reference run and its verdict."""
+    tol = tolerance_for({pm.train.run.dtype, ref_run["summary"]["dtype"]}, tolerance)
+    ref_losses = [m["loss"] for m in ref_run["metrics"]]
+    try:
+        weights = weights_agreement(run["weights"], ref_run["weights"])
+    except ValueError as err:
+        entry["error"] = f"cannot be compared with the reference: {err}"
+        entry["verdict"], entry["ok"] = "not comparable", pm.mode.expect != EQUAL
+        return
+    entry["agreement"] = {**loss_agreement(entry["losses"], ref_losses), **weights, "tolerance_rel_l2": tol}
+    if entry["batch_norm"]:
+        # The running statistics move with every forward's statistics; what training did to the parameters
+        # alone is the other half of the story.
+        entry["agreement"]["parameters_rel_l2"] = weights_agreement(
+            without_running_stats(run["weights"]), without_running_stats(ref_run["weights"])
+        )["weights_rel_l2"]
+    if pm.mode.expect == EQUAL and len(entry["losses"]) != len(ref_losses):
+        # Another number of optimizer steps is another training, whatever its weights say.
+        entry["error"] = (
+            f"cannot be compared with the reference: {len(entry['losses'])} optimizer steps vs {len(ref_losses)}"
+        )
+        entry["verdict"], entry["ok"] = "not comparable", False
+        return
+    entry["verdict"], entry["ok"] = verdict(pm.mode.expect, weights["weights_rel_l2"], tol, entry["is_reference"])
+
+
 def failure_lines(result: dict[str, Any]) -> list[str]:
     """One line per mode that makes the comparison fail, naming it and the number that decided."""
     lines = []
     for m in result["modes"]:
         if m["ok"]:
             continue
-        if m["agreement"]:
+        if m["verdict"] == "DISAGREES":
             a = m["agreement"]
             lines.append(
                 f"mode {m['name']!r} is expected to equal {result['reference']!r} but its final weights are "
@@ -742,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         int(env_threads) if env_threads.isdigit() else threads_per_device(max(pm.plan.world_size for pm in planned))
     )
     outcomes: dict[str, ModeOutcome] = {}
-    progress = ModesProgress([(pm.name, pm.train.run.max_steps) for pm in planned], console)
+    progress = ModesProgress([(pm.name, pm.known_max_steps) for pm in planned], console)
     try:
         for pm in planned:
             outcome = run_mode(pm, cfg, threads, progress)

@@ -245,6 +245,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"batch": {"sync": x}}`` and ``{"batch.sync": x}`` both -> ``{"batch.sync": x}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def read_yaml(path: str | Path, key: str = "--config") -> dict[str, Any]:
     """The mapping in the YAML file ``path``; ``key`` names where the path came from in error messages."""
     path = Path(path)

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,49 @@ def preflight(cfg: Config) -> None:
     check_launch(launch_from_torchrun_env(os.environ), cfg.run.expected_world_size, os.environ, cfg.run.dist_timeout_s)
 
 
-def init_accelerator(cfg: Config) -> Accelerator:
+# Trackers with an optional-dependency extra of this package (pyproject.toml); the others install by their own name.
+TRACKER_EXTRAS = {"tensorboard": "accum-launcher[tensorboard]"}
+TRACKER_PROJECT = "accum-launcher"
+
+
+def tracker_names(log_with: str) -> list[str]:
+    """``run.log_with`` as Accelerate tracker names ([] for none).
+
+    Accelerate drops a tracker whose package is missing with a debug-level log line, so a run asked to
+    log to TensorBoard would train without it; refuse instead, naming the install command.
+    """
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    valid = [t.value for t in LoggerType if t is not LoggerType.ALL]
+    available = {str(t.value) for t in get_available_trackers()}
+    for name in names:
+        if name not in valid:
+            raise ConfigError(
+                f"run.log_with={log_with!r}: unknown tracker {name!r}; choose none or from: {', '.join(valid)}"
+            )
+        if name not in available:
+            package = TRACKER_EXTRAS.get(name, name)
+            raise ConfigError(
+                f"run.log_with={log_with!r}: the {name} tracker's package is not installed (Accelerate would drop "
+                f"it silently); install it with: pip install '{package}'"
+            )
+    return list(dict.fromkeys(names))
+
+
+def start_trackers(accelerator: Accelerator, config: dict[str, object]) -> None:
+    """Open the trackers of ``run.log_with`` (main process) with the run's flat config as hyperparameters."""
+    if not accelerator.log_with:
+        return
+    # TensorBoard's hparams take bool, int, float and str only; a null (a derived batch size) is shown as one.
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+    accelerator.init_trackers(TRACKER_PROJECT, config=hparams)
+
+
+def init_accelerator(cfg: Config, trackers: list[str] | None = None) -> Accelerator:
     """Form the process group the launch asked for, on GPUs when there are any, else on CPU with gloo.
 
     On a host without CUDA, ``accelerate launch --multi_gpu`` still starts N processes, but a plain
@@ -56,6 +99,9 @@ def init_accelerator(cfg: Config) -> Accelerator:
         accelerator = Accelerator(
             cpu=use_cpu,
             mixed_precision=cfg.precision,
+            # Trackers that write files (TensorBoard) write under <output_dir>/logs/<TRACKER_PROJECT>/.
+            log_with=trackers or None,
+            project_dir=str(Path(cfg.run.output_dir) / "logs") if trackers else None,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout_s))],
         )
     except (ValueError, RuntimeError) as err:  # a half-set launch environment: say what is missing, in one line
@@ -140,6 +186,9 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
             dist.broadcast(buffer, src=0)
 
 
-def shutdown() -> None:
+def shutdown(accelerator: Accelerator | None = None) -> None:
+    """Close the trackers (Accelerate's end_training, which also tears down the group), then the group."""
+    if accelerator is not None and accelerator.trackers:
+        accelerator.end_training()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -25,9 +25,10 @@ from accelerate import Accelerator
 
 from launcher import batchnorm, checkpoint
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
-from launcher.config import Config, OptimConfig, dump_config
+from launcher.config import Config, dump_config
 from launcher.data import IGNORE, TokenDataset, model_inputs
 from launcher.distributed import all_reduce_sum, backend_name, gather_object
+from launcher.lr import ResolvedOptim, lr_at
 from launcher.metrics import (
     RESULT_FILES,
     CommCounter,
@@ -38,6 +39,7 @@ from launcher.metrics import (
     peak_memory_bytes,
     save_weights_atomic,
     synchronize,
+    tracker_values,
     truncate_jsonl,
     write_json_atomic,
     write_text_atomic,
@@ -46,24 +48,15 @@ from launcher.models import LM
 from launcher.terminal import StepProgress, describe_eval, print_summary
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): a pure function of the step, so every
-    launch (any world size, any accumulation) applies the same rate at the same step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(optim: ResolvedOptim, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer with the batch-scaled values; the lr set here is replaced by ``lr_at`` before every step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    cfg = optim.cfg
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=optim.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def _targets(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -108,6 +101,7 @@ class StepContext:
     plan: BatchPlan
     order: SampleOrder
     task: str
+    optim: ResolvedOptim
     counter: CommCounter = field(default_factory=CommCounter)
     start_step: int = 0  # steps already done (a resumed run)
     stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
@@ -126,7 +120,7 @@ def train_step(ctx: StepContext, step: int) -> tuple[dict[str, Any], bool]:
     acc, plan, task = ctx.accelerator, ctx.plan, ctx.task
     started = now_s()
     comm_before = ctx.counter.totals()
-    lr = lr_at(step, ctx.cfg.optim, ctx.cfg.run.max_steps)
+    lr = lr_at(step, ctx.optim, ctx.cfg.run.max_steps)
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
 
@@ -301,6 +295,8 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
                 progress.update(record)
                 if "eval" in record:
                     progress.note(f"eval {describe_eval(record['eval'])}")
+            if acc.trackers:  # run.log_with: the same record, numeric fields only (main process only)
+                acc.log(tracker_values(record), step=record["step"])
             _check_nonfinite(cfg, records[prior:])
             done = step + 1
             # A stop asked for during the last step changes nothing: the run finishes normally.
@@ -317,6 +313,7 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         return {"stopped": True, "step": records[-1]["step"]}
 
     peaks = gather_object(acc, peak_memory_bytes(acc.device))
+    stats = summarize(records, ctx.task)
     summary = {
         "world_size": ctx.plan.world_size,
         "accum_steps": ctx.plan.accum_steps,
@@ -331,7 +328,11 @@ def run_loop(ctx: StepContext) -> dict[str, Any]:
         "sync": cfg.batch.sync,
         "loss_normalization": cfg.batch.loss_normalization,
         "batch_norm": batchnorm.summary(acc.unwrap_model(ctx.model), ctx.plan.micro_batch_size, ctx.plan.world_size),
-        **summarize(records, ctx.task),
+        "optim": ctx.optim.summary(),
+        "max_steps": cfg.run.max_steps,
+        # Passes over the training set actually trained (an epoch's short last window counts what it held).
+        "epochs": stats["totals"]["samples"] / len(ctx.dataset),
+        **stats,
         "peak_mem_bytes_per_rank": peaks,
         "peak_mem_source": memory_source(acc.device),
         "wall_time_s": now_s() - started,

@@ -70,6 +70,18 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a metrics.jsonl record for an experiment tracker (nested ones, like an
+    evaluation's, as ``eval/loss``); the step is passed separately, flags and lists are left out."""
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            values.update({f"{key}/{k}": v for k, v in tracker_values(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            values[key] = value
+    return values
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work so that a wall-clock reading covers it."""
     if device.type == "cuda":

@@ -119,15 +119,105 @@ def cost_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def lr_of(mode: dict[str, Any]) -> str:
+    """``6e-05 (linear x3)``: the resolved peak learning rate and how it was reached."""
+    text = f"{mode['lr_resolved']:.3g}"
+    if mode["lr_scaling"] == "none" or not mode["lr"]:
+        return text
+    return f"{text} ({mode['lr_scaling']} x{mode['lr_resolved'] / mode['lr']:.3g})"
+
+
+# The headline metric of the evaluation table per task: (eval key, column, higher is better). Macro-F1 for
+# classification: it is what the batch/lr studies report, and it does not flatter a majority-class model.
+HEADLINE_METRIC = {"cls": ("macro_f1", "macro-F1", True), "lm": ("perplexity", "perplexity", False)}
+EVAL_COLUMNS = {"cls": [("accuracy", "accuracy"), ("macro_f1", "macro-F1")], "lm": [("perplexity", "perplexity")]}
+BEST = " (best)"
+
+
+def eval_task(result: dict[str, Any]) -> str | None:
+    """cls / lm from the modes' eval dicts, None when no mode evaluated."""
+    evals = [m["eval"] for m in result["modes"] if m.get("eval")]
+    if not evals:
+        return None
+    return "cls" if any("accuracy" in e for e in evals) else "lm"
+
+
+def eval_header(result: dict[str, Any]) -> list[str]:
+    task = eval_task(result)
+    head = ["mode", "launch", "global batch", "lr", "steps", "epochs", "final train loss"]
+    if task is None:
+        return head
+    return [*head, "eval loss", *[name for _, name in EVAL_COLUMNS[task]]]
+
+
+def eval_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per mode: batch, resolved lr, steps, epochs, final train loss, and the eval figures; the best
+    value of the headline metric (eval's, or the final train loss without an eval set) is marked."""
+    task = eval_task(result)
+    if task is None:
+        key, higher = "final_train_loss", False
+    else:
+        key, _, higher = HEADLINE_METRIC[task]
+
+    def value(m: dict[str, Any], name: str) -> float | None:
+        if name == "final_train_loss":
+            return m["losses"][-1] if m["losses"] else None
+        return (m.get("eval") or {}).get(name)
+
+    scored = [v for m in result["modes"] if (v := value(m, key)) is not None]
+    best = (max if higher else min)(scored) if scored else None
+
+    def cell(m: dict[str, Any], name: str) -> str:
+        v = value(m, name)
+        if v is None:
+            return "-"
+        text = f"{v:.4f}"
+        # Ties at the shown precision are all marked: a difference the table cannot show is no ranking.
+        return text + (BEST if name == key and text == f"{best:.4f}" else "")
+
+    rows = []
+    for m in result["modes"]:
+        row = [
+            m["name"],
+            launch_of(m),
+            str(m["plan"]["global_batch_size"]),
+            lr_of(m),
+            "-" if not m["losses"] else str(len(m["losses"])),
+            "-" if m.get("epochs") is None else f"{m['epochs']:.2f}",
+            cell(m, "final_train_loss"),
+        ]
+        if task is not None:
+            row += [cell(m, "loss"), *[cell(m, name) for name, _ in EVAL_COLUMNS[task]]]
+        rows.append(row)
+    return rows
+
+
+def eval_note(result: dict[str, Any]) -> str:
+    task = eval_task(result)
+    if task is None:
+        return (
+            "No mode has an eval set (eval.fraction, eval.file or eval.split): the final train loss is the only "
+            "quality figure, marked where lowest; it is measured on training batches, not held-out data."
+        )
+    key, name, higher = HEADLINE_METRIC[task]
+    return (
+        f"From each run's `summary.json` `eval` (the last evaluation, on held-out data); {name} is marked where "
+        f"{'highest' if higher else 'lowest'}. lr is the resolved peak (optim.lr scaled with the global batch)."
+    )
+
+
 def headline(result: dict[str, Any]) -> str:
     equal = [m for m in result["modes"] if m["expect"] == "equal" and not m["is_reference"]]
+    swept = [m for m in result["modes"] if m["expect"] == "sweep"]
     agreeing = [m for m in equal if m["ok"]]
-    if result["ok"]:
-        return f"all {len(equal)} modes expected to equal {result['reference']!r} agree with it"
-    return (
-        f"{len(agreeing)} of {len(equal)} modes expected to equal {result['reference']!r} agree; failed: "
-        + ", ".join(result["failed"])
-    )
+    if not result["ok"]:
+        return (
+            f"{len(agreeing)} of {len(equal)} modes expected to equal {result['reference']!r} agree; failed: "
+            + ", ".join(result["failed"])
+        )
+    judged = f"all {len(equal)} modes expected to equal {result['reference']!r} agree with it" if equal else ""
+    sweep = f"{len(swept)} modes swept against {result['reference']!r} (reported, not judged)" if swept else ""
+    return "; ".join(part for part in (judged, sweep) if part) or "only the reference ran"
 
 
 BATCH_NORM_HEADER = [
@@ -225,9 +315,10 @@ def findings(result: dict[str, Any]) -> list[str]:
     for m in result["modes"]:
         if m["expect"] == "differ" and m["agreement"]:
             a = m["agreement"]
+            loss = "" if a["loss_max_abs_diff"] is None else f"; its loss is off by up to {a['loss_max_abs_diff']:.2e}"
             lines.append(
                 f"{m['name']} (expected to differ) ends {a['weights_rel_l2']:.2e} away from {result['reference']} "
-                f"(relative L2 of the weights); its loss is off by up to {a['loss_max_abs_diff']:.2e}"
+                f"(relative L2 of the weights){loss}"
             )
     bn_line = batch_norm_finding(result)
     return [*lines, bn_line] if bn_line else lines
@@ -263,17 +354,20 @@ def print_plan(console: Console, cfg: Any, planned: list[Any], warnings: list[st
             pm.train.batch.sync,
             pm.train.batch.loss_normalization,
             pm.train.run.dtype,
+            f"{pm.optim.lr:.3g}",
+            str(pm.known_max_steps) if pm.known_max_steps else f"{pm.train.run.max_epochs:g} epochs",
             pm.mode.expect + (" (reference)" if pm.name == cfg.reference_name else ""),
         ]
         for pm in planned
     ]
-    header = ["mode", "processes", "micro", "K", "global", "sync", "loss norm", "dtype", "expect"]
+    header = ["mode", "processes", "micro", "K", "global", "sync", "loss norm", "dtype", "lr", "steps", "expect"]
     console.print(_table(f"compare: {cfg.base} -> {cfg.output_dir}", header, rows))
     for line in warnings:
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
 
 
 def print_result(console: Console, result: dict[str, Any]) -> None:
+    console.print(_table("evaluation (task quality per mode)", eval_header(result), eval_rows(result)))
     console.print(
         _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
     )
@@ -323,11 +417,14 @@ def batch_norm_section(result: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     tol = result["tolerance"]
+    batches = {m["plan"]["global_batch_size"] for m in result["modes"]}
+    steps = {len(m["losses"]) for m in result["modes"] if m["losses"]}
+    batch_text = f"global batch {batches.pop()} samples/step" if len(batches) == 1 else "global batch per mode"
+    steps_text = f"{steps.pop()} optimizer steps" if len(steps) == 1 else "optimizer steps per mode"
     parts = [
         "# Comparison: accumulation, DDP and both",
         "",
-        f"Base config `{result['base']}`, global batch {result['global_batch_size']} samples/step, "
-        f"{result['steps']} optimizer steps, reference mode `{result['reference']}`. "
+        f"Base config `{result['base']}`, {batch_text}, {steps_text}, reference mode `{result['reference']}`. "
         f"A mode expected `equal` agrees when the relative L2 distance of its final weights to the reference's "
         f"is within {tol['float64']:.0e} (float64) or {tol['float32']:.0e} (float32, a multiple of the measured "
         "floor).",
@@ -339,13 +436,14 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if result["warnings"]:
         parts += ["## Preflight warnings", "", *[f"- {w}" for w in result["warnings"]], ""]
+    parts += ["## Evaluation", "", eval_note(result), "", _md_table(eval_header(result), eval_rows(result)), ""]
     parts += [
         "## Agreement",
         "",
         "Read from each run's `model.safetensors` and `metrics.jsonl`: the largest per-step difference of the "
-        "logged loss, and the final weights' largest absolute difference, relative L2 distance "
-        "(||w - w_ref|| / ||w_ref||) and cosine similarity. Launch: processes (p) x micro batch per process (mb) "
-        "x accumulation steps (K).",
+        "logged loss (between runs with the same number of optimizer steps only), and the final weights' largest "
+        "absolute difference, relative L2 distance (||w - w_ref|| / ||w_ref||) and cosine similarity. Launch: "
+        "processes (p) x micro batch per process (mb) x accumulation steps (K).",
         "",
         _md_table(AGREEMENT_HEADER, agreement_rows(result)),
         "",
@@ -394,21 +492,27 @@ def plot_loss_curves(result: dict[str, Any], path: Path) -> None:
     for i, m in enumerate(result["modes"]):
         if not m["losses"]:
             continue
-        steps = range(1, len(m["losses"]) + 1)
+        # x = samples seen, not the step index: modes with other global batches (a sweep) take other numbers
+        # of steps for the same data, and line up only by what they have trained on. At one global batch this
+        # is the step index times the batch, the same curve.
+        seen = m["samples_seen"]
         # One color per mode in both panels; baselines dashed.
         style = {"color": f"C{i}", "linestyle": "--" if m["baseline"] else "-"}
-        top.plot(steps, m["losses"], label=f"{m['name']} ({m['expect']})", alpha=0.85, **style)
-        if m["agreement"] and not m["is_reference"]:
-            deviation = [max(abs(d), ZERO_FLOOR) for d in m["agreement"]["loss_deviation"]]
-            bottom.plot(steps, deviation, marker=".", label=m["name"], **style)
+        top.plot(seen, m["losses"], label=f"{m['name']} ({m['expect']})", alpha=0.85, **style)
+        deviation = (m["agreement"] or {}).get("loss_deviation")
+        if deviation and not m["is_reference"]:
+            bottom.plot(seen, [max(abs(d), ZERO_FLOOR) for d in deviation], marker=".", label=m["name"], **style)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("loss")
-    top.set_title(f"loss per optimizer step (reference: {result['reference']})")
+    top.set_title(f"loss per optimizer step, by samples seen (reference: {result['reference']})")
     top.legend(fontsize="small")
     bottom.set_yscale("log")
-    bottom.set_xlabel("optimizer step")
+    bottom.set_xlabel("samples seen (each point: one optimizer step)")
     bottom.set_ylabel("|loss - reference loss|")
-    bottom.set_title(f"deviation from the reference (exact zeros drawn at {ZERO_FLOOR:.0e})", fontsize="medium")
+    bottom.set_title(
+        f"deviation from the reference, same step count only (exact zeros drawn at {ZERO_FLOOR:.0e})",
+        fontsize="medium",
+    )
     if bottom.lines:
         bottom.legend(fontsize="small")
     fig.tight_layout()

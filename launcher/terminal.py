@@ -100,7 +100,8 @@ class ModesProgress:
     """The live view of a comparison: one row per mode (waiting, running with its step count, done or
     failed) on a terminal; on a pipe or file, one plain line when a mode starts and when it ends."""
 
-    def __init__(self, modes: list[tuple[str, int]], console: Console | None = None) -> None:
+    def __init__(self, modes: list[tuple[str, int | None]], console: Console | None = None) -> None:
+        """``modes``: (name, optimizer steps), None where the run resolves them itself (run.max_epochs)."""
         self.console = console or Console(file=sys.stdout)
         self._tasks: dict[str, Any] = {}
         self._progress: Progress | None = None
@@ -117,18 +118,21 @@ class ModesProgress:
         else:
             self._say(f"mode {name}: start ({detail})")
 
-    def update(self, name: str, steps_done: int, loss: float | None) -> None:
+    def update(self, name: str, steps_done: int, loss: float | None, total_steps: int | None = None) -> None:
         if self._progress is not None:
             info = f"running: loss {loss:.4f}" if loss is not None else "running: starting processes"
-            self._progress.update(self._tasks[name], completed=steps_done, info=info)
+            self._progress.update(self._tasks[name], completed=steps_done, info=info, total=total_steps)
 
     def finish(self, name: str, ok: bool, detail: str, log_tail: list[str] = ()) -> None:
         mark = "[green]done" if ok else "[red]FAILED"
         if self._progress is not None:
             task = self._tasks[name]
             # The last step may land between two looks at metrics.jsonl: a finished run shows all of them.
-            done = self._progress.tasks[task].total if ok else self._progress.tasks[task].completed
-            self._progress.update(task, completed=done, info=f"{mark}[/]: {detail}")
+            state = self._progress.tasks[task]
+            done = state.total if ok and state.total is not None else state.completed
+            self._progress.update(
+                task, completed=done, total=done if state.total is None else None, info=f"{mark}[/]: {detail}"
+            )
             self._progress.stop_task(self._tasks[name])
         else:
             self._say(f"mode {name}: {'done' if ok else 'FAILED'} ({detail})")

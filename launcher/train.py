@@ -21,11 +21,12 @@ import torch
 from accelerate.utils import set_seed
 
 from launcher import batchnorm, checkpoint, distributed
-from launcher.batching import BatchPlan, SampleOrder, plan_batch
-from launcher.config import Config, UserError, load_config
+from launcher.batching import BatchPlan, SampleOrder, plan_batch, resolve_max_steps
+from launcher.config import Config, UserError, flatten, load_config
 from launcher.data import build_datasets
 from launcher.evaluate import Evaluator
 from launcher.loop import NonFiniteError, StepContext, build_optimizer, run_loop
+from launcher.lr import resolve_optim
 from launcher.metrics import check_output_dir
 from launcher.models import LM, build_model
 
@@ -80,7 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build(cfg: Config, accelerator) -> StepContext:
-    """Model, data, batch plan, optimizer and evaluator, prepared for the launch (same seed: same initial weights)."""
+    """Model, data, batch plan, optimizer and evaluator, prepared for the launch (same seed: same initial weights).
+
+    Resolves ``cfg.run.max_steps`` in place from run.max_epochs, once the training set's size is known: every
+    later reader (schedule, progress, checkpoints, config.yaml) sees the number of steps actually trained.
+    """
     set_seed(cfg.run.seed)
     bundle = build_model(cfg.model, cfg.data.seq_len, DTYPES[cfg.run.dtype])
     # Each machine's first process tokenizes (and fills the cache); the others then read the cache.
@@ -98,12 +103,14 @@ def build(cfg: Config, accelerator) -> StepContext:
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
         # Before prepare(): DDP must wrap, and register the buffers of, the layers that will run.
         model = batchnorm.convert_sync_batchnorm(model, cuda=accelerator.device.type == "cuda")
-    optimizer = build_optimizer(cfg.optim, model)
+    optim = resolve_optim(cfg.optim, plan.global_batch_size)
+    optimizer = build_optimizer(optim, model)
     # Only model and optimizer go through prepare(): the sample order and the LR are owned by the loop.
     model, optimizer = accelerator.prepare(model, optimizer)
     # Different dropout draws per rank, as separate devices would have; identical runs stay identical.
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)
     order = SampleOrder(len(data.train), plan.global_batch_size, cfg.run.seed)
+    cfg.run.max_steps = resolve_max_steps(cfg.run.max_steps, cfg.run.max_epochs, order.steps_per_epoch)
     evaluator = None
     if data.eval is not None:
         evaluator = Evaluator(accelerator, data.eval, cfg.eval.batch_size or plan.micro_batch_size, bundle.task)
@@ -116,6 +123,7 @@ def build(cfg: Config, accelerator) -> StepContext:
         plan,
         order,
         bundle.task,
+        optim,
         evaluator=evaluator,
         data_info=data.info,
     )
@@ -127,11 +135,15 @@ def describe_plan(ctx: StepContext) -> str:
         mean_targets = sum(len(e) - 1 for e in ctx.dataset.examples) / len(ctx.dataset)
         line += f" (~{mean_targets * ctx.plan.global_batch_size:,.0f} tokens/step)"
     cfg = ctx.cfg
+    per_epoch = f"{ctx.order.steps_per_epoch} steps/epoch"
+    if cfg.run.max_epochs > 0:
+        per_epoch = f"run.max_epochs={cfg.run.max_epochs:g} x {per_epoch}, rounded up"
     return (
         f"{line}\n      backend={distributed.backend_name()} device={ctx.accelerator.device} dtype={cfg.run.dtype} "
-        f"precision={cfg.precision} sync={cfg.batch.sync} loss_normalization={cfg.batch.loss_normalization} "
-        f"steps={cfg.run.max_steps} samples={len(ctx.dataset)} ({ctx.order.steps_per_epoch} steps/epoch)"
-        f"\n      eval_samples={ctx.data_info['eval_samples']} tokenized_cache={ctx.data_info['tokenized_cache']}"
+        f"precision={cfg.precision} sync={cfg.batch.sync} loss_normalization={cfg.batch.loss_normalization}\n"
+        f"      steps={cfg.run.max_steps} ({per_epoch}) samples={len(ctx.dataset)} "
+        f"eval_samples={ctx.data_info['eval_samples']} tokenized_cache={ctx.data_info['tokenized_cache']}\n"
+        f"      {ctx.optim.describe()}"
     )
 
 
@@ -159,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signals = StopSignals()
     signals.install()
+    accelerator = None
     try:
         cfg = load_config(args.config, args.overrides)
+        trackers = distributed.tracker_names(cfg.run.log_with)
         # Checks that need no process group run first, identically on every rank.
         plan = plan_batch(
             cfg.batch.global_batch_size,
@@ -182,17 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         # a slower machine never finds the results of the run it belongs to (measured: 2 machines, one folder).
         check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=own)
         distributed.preflight(cfg)
-        accelerator = distributed.init_accelerator(cfg)
+        accelerator = distributed.init_accelerator(cfg, trackers)
         ctx = build(cfg, accelerator)
         ctx.stop_requested = signals
         note = ""
         if resume is not None:
+            checkpoint.check_step(resume, cfg)  # against the resolved run.max_steps
             note = checkpoint.load_checkpoint(resume, accelerator, ctx.model, ctx.optimizer, ctx.plan)
             ctx.start_step = resume.step
         if accelerator.is_main_process:
             print(describe_plan(ctx), flush=True)
             if resume is not None:
                 print(f"resume: step {resume.step} from {resume.path} ({note})", flush=True)
+        distributed.start_trackers(accelerator, {**flatten(cfg.to_dict()), "optim.lr_resolved": ctx.optim.lr})
         summary = run_loop(ctx)
     except UserError as err:
         error_line(str(err))
@@ -207,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         error_line(message, every_rank=True)
         return EXIT_COLLECTIVE
     finally:
-        distributed.shutdown()
+        distributed.shutdown(accelerator)
     if summary["stopped"] and signals.received is not None:
         return EXIT_ON_SIGNAL[signals.received]
     return 0

@@ -1,0 +1,259 @@
+"""Learning-rate scaling with the global batch, run.max_epochs, sweeps in compare, and trackers.
+
+The resolution rules are pure arithmetic (unit tests). One module-scoped comparison runs
+configs/compare/lr_scaling.yaml on a short budget (five 1-process launches); one 1-process run logs to
+TensorBoard, stops at a step and resumes, and its event files are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.batching import resolve_max_steps
+from launcher.compare import ModeOutcome, judge, load_compare_config, plan_modes
+from launcher.config import ConfigError, OptimConfig
+from launcher.launch import REPO, launch_env
+from launcher.lr import lr_at, resolve_optim
+from tests.conftest import TRAIN, run_ok
+
+LR_SCALING = "configs/compare/lr_scaling.yaml"
+MAX_EPOCHS = 1.5
+NUM_SAMPLES = 120
+
+
+def optim(**kwargs) -> OptimConfig:
+    return OptimConfig(**{"lr": 2e-5, "base_global_batch_size": 20, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------ the rules
+
+
+def test_linear_scaling_multiplies_by_k():
+    resolved = resolve_optim(optim(lr_scaling="linear"), 60)
+    assert resolved.lr == pytest.approx(6e-5, rel=1e-12)
+    assert (resolved.beta1, resolved.beta2, resolved.eps) == (0.9, 0.999, 1e-8)
+    assert resolved.describe() == "lr: 2e-05 x 3 (linear, global batch 60 / base 20) = 6e-05"
+
+
+def test_sqrt_scaling_multiplies_by_root_k():
+    resolved = resolve_optim(optim(lr_scaling="sqrt"), 60)
+    assert resolved.lr == pytest.approx(2e-5 * math.sqrt(3), rel=1e-12)
+    assert resolved.summary() == {
+        "lr": 2e-5,
+        "lr_scaling": "sqrt",
+        "base_global_batch_size": 20,
+        "lr_resolved": resolved.lr,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+    }
+
+
+def test_sqrt_with_betas_and_eps_follows_malladi():
+    resolved = resolve_optim(optim(lr_scaling="sqrt", scale_betas_eps=True), 40)  # k = 2
+    assert resolved.lr == pytest.approx(2e-5 * math.sqrt(2), rel=1e-12)
+    assert resolved.beta1 == pytest.approx(1 - 2 * 0.1, rel=1e-12)
+    assert resolved.beta2 == pytest.approx(1 - 2 * 0.001, rel=1e-12)
+    assert resolved.eps == pytest.approx(1e-8 / math.sqrt(2), rel=1e-12)
+    # A smaller batch than the base moves the betas towards 1.
+    assert resolve_optim(optim(lr_scaling="sqrt", scale_betas_eps=True), 10).beta1 == pytest.approx(0.95)
+
+
+def test_a_beta_pushed_out_of_range_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        resolve_optim(optim(lr_scaling="sqrt", scale_betas_eps=True, base_global_batch_size=1), 16)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in ("optim.beta1=0.9", "k=16", "-0.6", "[0, 1)"):
+        assert word in message, message
+
+
+def test_no_scaling_keeps_the_configured_values():
+    resolved = resolve_optim(optim(lr_scaling="none"), 60)
+    assert (resolved.lr, resolved.scale) == (2e-5, 1.0)
+    assert resolved.describe() == "lr: 2e-05 (optim.lr_scaling=none)"
+
+
+def test_warmup_and_schedule_shape_the_resolved_peak():
+    resolved = resolve_optim(optim(lr_scaling="linear", warmup_steps=2, schedule="linear"), 60)
+    assert [lr_at(s, resolved, 6) for s in range(6)] == pytest.approx([3e-5, 6e-5, 6e-5, 4.5e-5, 3e-5, 1.5e-5])
+
+
+def test_max_epochs_rounds_up_to_whole_steps():
+    assert resolve_max_steps(20, 0.0, 7) == 20  # off: run.max_steps decides
+    assert resolve_max_steps(20, 2.0, 7) == 14
+    assert resolve_max_steps(20, 1.5, 7) == 11  # 10.5 steps: the half step is trained, not dropped
+    assert resolve_max_steps(20, 0.3, 10) == 3  # 0.3 x 10 = 3.0000000000000004 in floating point
+
+
+# ------------------------------------------------------------------------------ the sweep, end to end
+
+
+def compare(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launcher.compare", "--config", LR_SCALING, *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lr_scaling")
+    overrides = [
+        f"output_dir={folder / 'out'}",
+        f"overrides.run.max_epochs={MAX_EPOCHS}",
+        f"overrides.data.num_samples={NUM_SAMPLES}",
+    ]
+    proc = compare(folder, *overrides)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads((folder / "out" / "compare.json").read_text())
+    return {
+        "out": folder / "out",
+        "overrides": overrides,
+        "result": result,
+        "modes": {m["name"]: m for m in result["modes"]},
+        "config": yaml.safe_load((REPO / LR_SCALING).read_text()),
+    }
+
+
+def test_every_mode_is_reported_and_none_fails(sweep):
+    assert list(sweep["modes"]) == list(sweep["config"]["modes"])
+    for name, mode in sweep["modes"].items():
+        assert mode["status"] == "ok", (name, mode.get("error"))
+        assert mode["verdict"] == ("reference" if name == "batch20_lr_base" else "swept")
+        assert "eval" in mode  # the summary's eval dict, or null without an eval set
+    assert sweep["result"]["ok"] and sweep["result"]["failed"] == []
+
+
+def test_lr_resolved_follows_the_rule(sweep):
+    base_lr = float(sweep["config"]["overrides"]["optim.lr"])
+    expected = {
+        "batch20_lr_base": base_lr,
+        "accum10x2_lr_base": base_lr,
+        "accum10x6_linear": 3 * base_lr,  # global 60 / base 20
+        "accum10x6_sqrt": math.sqrt(3) * base_lr,
+        "accum10x6_fixed": float(sweep["config"]["modes"]["accum10x6_fixed"]["overrides"]["optim.lr"]),
+    }
+    for name, lr in expected.items():
+        mode = sweep["modes"][name]
+        assert mode["lr_resolved"] == pytest.approx(lr, rel=1e-12), name
+        summary = json.loads((Path(mode["run_dir"]) / "summary.json").read_text())
+        assert summary["optim"]["lr_resolved"] == mode["lr_resolved"]
+        # The rate actually applied: no warmup and a constant schedule, so every step at the resolved peak.
+        lrs = [json.loads(line)["lr"] for line in (Path(mode["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert lrs == pytest.approx([lr] * len(lrs), rel=1e-12), name
+
+
+def test_steps_follow_epochs_and_global_batch(sweep):
+    for name, mode in sweep["modes"].items():
+        summary = json.loads((Path(mode["run_dir"]) / "summary.json").read_text())
+        batch, train_samples = mode["plan"]["global_batch_size"], summary["data"]["train_samples"]
+        assert mode["max_steps"] == math.ceil(MAX_EPOCHS * math.ceil(train_samples / batch)), name
+        assert len(mode["losses"]) == mode["max_steps"] == summary["steps"]
+        assert mode["epochs"] == pytest.approx(summary["totals"]["samples"] / train_samples)
+        assert MAX_EPOCHS <= mode["epochs"] < MAX_EPOCHS + batch / train_samples
+        config = yaml.safe_load((Path(mode["run_dir"]) / "config.yaml").read_text())
+        assert config["run"]["max_steps"] == mode["max_steps"]  # the resolved value is what the run records
+    # Other global batches, other step counts: the weights are still compared, the per-step losses are not.
+    linear = sweep["modes"]["accum10x6_linear"]
+    assert linear["max_steps"] < sweep["modes"]["batch20_lr_base"]["max_steps"]
+    assert linear["agreement"]["weights_rel_l2"] > 0 and linear["agreement"]["loss_max_abs_diff"] is None
+    assert sweep["modes"]["accum10x2_lr_base"]["agreement"]["loss_max_abs_diff"] is not None
+
+
+def test_report_has_the_evaluation_table(sweep):
+    report = (sweep["out"] / "report.md").read_text()
+    section = report.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert "final train loss" in header and "lr" in header and "epochs" in header
+    if any(m["eval"] for m in sweep["modes"].values()):
+        assert "eval loss" in header and ("macro-F1" in header or "perplexity" in header)
+    assert [row.split(" | ")[0].removeprefix("| ") for row in body] == list(sweep["modes"])
+    assert sum("(best)" in row for row in body) >= 1
+    assert "(linear x3)" in section and "(sqrt x1.73)" in section
+
+
+def test_an_equal_mode_with_other_steps_is_not_comparable(sweep):
+    # Judge the same finished runs again (no launch), with the linear mode expected to be equal.
+    cfg = load_compare_config(REPO / LR_SCALING, [*sweep["overrides"], "modes.accum10x6_linear.expect=equal"])
+    planned = plan_modes(cfg)
+    outcomes = {pm.name: ModeOutcome(0, 0.0, pm.run_dir / "train.log") for pm in planned}
+    result = judge(cfg, planned, outcomes, [])
+    linear = next(m for m in result["modes"] if m["name"] == "accum10x6_linear")
+    assert linear["verdict"] == "not comparable" and not linear["ok"] and not result["ok"]
+    assert "optimizer steps vs" in linear["error"]
+
+
+# ---------------------------------------------------------------------------------------- trackers
+
+
+def test_tensorboard_gets_every_step_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # 40 samples / 8 per step = 5 steps per epoch; 1.5 epochs -> 8 steps; stop after 3, then resume.
+    common = (
+        "run.log_with=tensorboard",
+        "run.max_epochs=1.5",
+        "data.num_samples=40",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+        "batch.accum_steps=null",
+    )
+    out = run_ok(tmp_path, 1, "tb", *common, "run.stop_at_step=3")
+    assert not (out / "summary.json").exists()  # a planned stop: the run is not finished
+    run_ok(tmp_path, 1, "tb", *common, "run.resume=auto")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_steps"] == 8 and summary["resumed_from_step"] == 3
+    assert summary["epochs"] == pytest.approx(64 / 40)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+
+    events = EventAccumulator(str(out / "logs" / "accum-launcher"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(loss) == list(range(1, 9))  # both sessions' event files
+    assert [loss[r["step"]] for r in records] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert {"lr", "grad_norm", "step_time_s"} <= set(events.Tags()["scalars"])
+
+
+def train_directly(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, TRAIN, "--config", "configs/runs/tiny_cls.yaml", f"run.output_dir={tmp_path / 'out'}"]
+    return subprocess.run(
+        [*cmd, *overrides], cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120
+    )
+
+
+def missing_tracker() -> str:
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t.value) for t in get_available_trackers()}
+    candidates = ("wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+    missing = [name for name in candidates if name not in available]
+    if not missing:
+        pytest.skip("every tracker package is installed here")
+    return missing[0]
+
+
+@pytest.mark.parametrize(
+    "log_with, words",
+    [
+        ("nope", ["run.log_with='nope'", "unknown tracker 'nope'", "tensorboard, wandb"]),
+        (None, ["run.log_with=", "not installed", "pip install"]),
+    ],
+)
+def test_tracker_errors_are_one_line(tmp_path, log_with, words):
+    log_with = log_with or missing_tracker()
+    proc = train_directly(tmp_path, f"run.log_with={log_with}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for word in [*words, log_with]:
+        assert word in errors[0], errors[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
