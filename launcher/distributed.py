@@ -187,8 +187,15 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
 
 
 def shutdown(accelerator: Accelerator | None = None) -> None:
-    """Close the trackers (Accelerate's end_training, which also tears down the group), then the group."""
-    if accelerator is not None and accelerator.trackers:
-        accelerator.end_training()
+    """Close the trackers (Accelerate's end_training, which also tears down the group), drop Accelerate's
+    references to the prepared model and optimizer, and destroy the group.
+
+    The DDP model holds the process group: once nothing references it (the caller drops its own), the group
+    and its gloo worker threads go away here, while the interpreter is fully alive, not during its finalization.
+    """
+    if accelerator is not None:
+        if accelerator.trackers:
+            accelerator.end_training()
+        accelerator.free_memory()  # clears its lists of prepared objects, then collects garbage
     if dist.is_initialized():
         dist.destroy_process_group()
