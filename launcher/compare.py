@@ -749,6 +749,10 @@ def _check_output_dir(cfg: CompareConfig) -> Path:
     return out
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Rendering pulls in rich, matplotlib and torch: imported after the config is known to be good.
@@ -777,12 +781,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     outcomes: dict[str, ModeOutcome] = {}
     progress = ModesProgress([(pm.name, pm.known_max_steps) for pm in planned], console)
+    # A scheduler's SIGTERM takes the same way out as Ctrl-C: every running launch is stopped (run_mode).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         for pm in planned:
             outcome = run_mode(pm, cfg, threads, progress)
             outcomes[pm.name] = outcome
             detail = f"{outcome.launch_wall_s:.1f} s" if outcome.ok else outcome.reason()
             progress.finish(pm.name, outcome.ok, detail, [] if outcome.ok else outcome.log_tail())
+    except KeyboardInterrupt:
+        print("error: compare interrupted; its running launches were stopped", file=sys.stderr, flush=True)
+        return 130
     finally:
         progress.close()
         shutil.rmtree(out / "tmp", ignore_errors=True)

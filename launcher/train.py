@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the package importable from a plain checkout
@@ -37,6 +38,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EXIT_USER_ERROR = 2  # bad config, checkpoint or output folder: one "error:" line
 EXIT_NONFINITE = 3  # non-finite loss/gradients with run.on_nonfinite=stop, or too many skipped steps in a row
 EXIT_COLLECTIVE = 4  # a collective failed: another rank died, or one hung past run.dist_timeout_s
+USER_ERROR_GRACE_S = 10.0  # how long ranks that do not print a shared error wait for the one that does
 # Stopped by a signal after writing a checkpoint: 128 + the signal number, the code schedulers already read
 # as "preempted" (Slurm, Kubernetes).
 EXIT_ON_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -69,6 +71,9 @@ class StopSignals:
 
     def __call__(self) -> bool:
         return self.received is not None
+
+
+STOP_SIGNALS = StopSignals()  # this process's: main() installs it, cli() reads whether the launcher stopped us
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,7 +175,7 @@ def resume_point(cfg: Config, plan: BatchPlan) -> checkpoint.CheckpointInfo | No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signals = StopSignals()
+    signals = STOP_SIGNALS
     signals.install()
     accelerator = ctx = None
     try:
@@ -234,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """The command-line entry (``accelerate launch launcher/train.py``, ``accum-train``)."""
     code = main()
+    if code == EXIT_USER_ERROR and distributed.local_rank() != 0 and STOP_SIGNALS.received is None:
+        # A shared error is printed by each machine's first process only, and the launcher stops every rank as
+        # soon as one exits: wait here (the launcher ends the wait when that process exits) so that this rank, if it
+        # got there first, does not get the printing process killed before its line is out.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(USER_ERROR_GRACE_S)
     # Every result is written and fsynced, the trackers are closed and the process group is destroyed. Leave
     # without interpreter finalization: a finished 2-process gloo run was seen (once in some hundred launches)
     # to abort there with "terminate called without an active exception" (a C++ thread still joinable while

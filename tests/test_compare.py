@@ -57,15 +57,19 @@ def compare(folder: Path, config: Path, *overrides: str) -> subprocess.Completed
     return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=400)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compare")
-    proc = compare(folder, write_config(folder, MODES))
-    # 1: wrong_lr disagrees. A negative code is a kill, 2 a config error: neither may pass.
-    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+def compared(folder: Path, modes: dict, returncode: int = 0) -> dict:
+    """Run a comparison of ``modes`` and read its compare.json back, failing the test unless it exits
+    ``returncode`` (a negative code is a kill, 2 a config error)."""
+    proc = compare(folder, write_config(folder, modes))
+    assert proc.returncode == returncode, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     out = folder / "out"
     result = json.loads((out / "compare.json").read_text())
     return {"out": out, "result": result, "modes": {m["name"]: m for m in result["modes"]}, "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return compared(tmp_path_factory.mktemp("compare"), MODES, returncode=1)  # 1: wrong_lr disagrees
 
 
 def test_writes_every_output(tiny):

@@ -7,13 +7,17 @@ One comparison (float64, 3 steps): the reference is 1 machine x 2 processes; the
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from launcher.compare import ModeOutcome
-from launcher.launch import Machine, accelerate_command
-from tests.conftest import read_run
-from tests.test_compare import compare, write_config
+from launcher.launch import REPO, Machine, accelerate_command, launch_env
+from tests.conftest import child_pids, read_run, wait_until
+from tests.test_compare import compare, compared, write_config
 
 MODES = {
     "one_machine": {"num_processes": 2, "overrides": {"batch.micro_batch_size": 2}},
@@ -23,12 +27,7 @@ MODES = {
 
 @pytest.fixture(scope="module")
 def machines(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compare_machines")
-    proc = compare(folder, write_config(folder, MODES))
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    out = folder / "out"
-    result = json.loads((out / "compare.json").read_text())
-    return {"out": out, "result": result, "modes": {m["name"]: m for m in result["modes"]}}
+    return compared(tmp_path_factory.mktemp("compare_machines"), MODES)
 
 
 def test_two_machines_train_the_same_model(machines):
@@ -77,3 +76,40 @@ def test_a_failed_machine_is_named_with_its_own_error_line(tmp_path):
     outcome = ModeOutcome(returncode=4, launch_wall_s=1.0, logs=logs, failed_machine=1)
     assert outcome.log == logs[1]
     assert outcome.reason() == "machine 1 exited 4: rank 1: lost contact with the other processes"
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        children = child_pids(todo.pop())
+        found.update(children)
+        todo += children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for a parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigterm_stops_every_machine_launch(tmp_path):
+    """A scheduler's SIGTERM to compare, mid-mode: every machine's launch and worker is stopped, exit 130."""
+    config = write_config(tmp_path, {"two_machines": MODES["two_machines"]})
+    cmd = [sys.executable, "-m", "launcher.compare", "--config", str(config), "overrides.run.max_steps=100000"]
+    with open(tmp_path / "compare.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), stdout=log, stderr=log)
+    try:
+        metrics = tmp_path / "out" / "modes" / "two_machines" / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 120, "training steps")
+        workers = descendants(proc.pid)
+        assert len(workers) >= 4  # 2 agents and their 2 workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130, (tmp_path / "compare.log").read_text()[-3000:]
+        wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the launches to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "compare interrupted" in (tmp_path / "compare.log").read_text()
