@@ -28,7 +28,24 @@ def _bar(console: Console, label: str, clock: ProgressColumn) -> Progress:
     )
 
 
-class StepProgress:
+class _LiveLines:
+    """A rich progress bar on a terminal, plain lines otherwise: what both progress views share."""
+
+    _progress: Progress | None = None
+
+    def note(self, line: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+class StepProgress(_LiveLines):
     def __init__(self, total_steps: int, log_every_steps: int, console: Console | None = None) -> None:
         self.console = console or Console(file=sys.stdout)
         self.total_steps = total_steps
@@ -46,17 +63,6 @@ class StepProgress:
             self._progress.update(self._task, completed=record["step"], info=info)
         elif record["step"] % self.log_every_steps == 0 or record["step"] == self.total_steps:
             print(f"step {record['step']}/{self.total_steps}  {info}", flush=True)
-
-    def note(self, line: str) -> None:
-        """A line of its own (above the bar on a terminal)."""
-        if self._progress is not None:
-            self._progress.console.print(line, highlight=False)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
 
 def describe_eval(result: dict[str, Any]) -> str:
@@ -96,7 +102,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     console.print(table)
 
 
-class ModesProgress:
+class ModesProgress(_LiveLines):
     """The live view of a comparison: one row per mode (waiting, running with its step count, done or
     failed) on a terminal; on a pipe or file, one plain line when a mode starts and when it ends."""
 
@@ -144,14 +150,3 @@ class ModesProgress:
     def _say(self, line: str) -> None:
         # markup off: a log line may hold [brackets] that rich would read as styles.
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-    def note(self, line: str) -> None:
-        """A line of its own (above the bar on a terminal)."""
-        if self._progress is not None:
-            self._progress.console.print(line, highlight=False)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
