@@ -9,7 +9,7 @@ RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
 
 COMPARE ?= configs/compare/default.yaml
 
-.PHONY: setup run compare train test lint bench clean
+.PHONY: setup run compare train test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -41,9 +41,15 @@ train: $(STAMP)
 	$(RUN_ENV) $(BIN)/accelerate launch $(ACCELERATE_CPU) launcher/train.py \
 	  --config configs/runs/tiny_lm.yaml run.overwrite=true $(ARGS)
 
+# The full suite: two pytest workers, each taking whole test files (their module fixtures share launches);
+# about half of a launch is waiting (process start, rendezvous), so two keep both cores busy.
 test: $(STAMP)
 	$(BIN)/ruff check launcher tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# The fast tier: no launches (in-process error paths, unit tests), well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not launch" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check launcher tests bench

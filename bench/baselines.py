@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
 from launcher.config import DataConfig, EvalConfig, ModelConfig
-from launcher.data import IGNORE, build_datasets
+from launcher.data import build_datasets
+from launcher.loss import IGNORE
 from launcher.models import build_model
 
 

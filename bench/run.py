@@ -16,14 +16,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.launch import REPO, accelerate_command, launch_env
+from launcher.launch import REPO, Job, accelerate_command, launch_env
+from launcher.rundir import RunDir
 
 WARMUP_STEPS = 2
 DOCS = REPO / "docs"
@@ -32,9 +32,9 @@ BIG_MODEL = {"hidden_size": 128, "num_layers": 2, "seq_len": 256, "num_samples":
 
 
 def _run(cmd: list[str], tmp: Path) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(tmp / "tmp"), capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    outcome = Job([cmd], [tmp / "bench.log"], launch_env(tmp / "tmp")).start().wait(600)
+    if not outcome.ok:
+        raise SystemExit(f"benchmark run failed ({outcome.reason()}): {' '.join(cmd)}\n{outcome.log_text()[-3000:]}")
 
 
 def median_after_warmup(times: list[float]) -> float:
@@ -67,16 +67,16 @@ def launcher_run(
         "run.log_every_steps=1000",
     ]
     _run([*accelerate_command(nproc), *overrides], tmp)
-    summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = RunDir(out)
+    summary, metrics = run.read_summary(), run.read_metrics()
     return {
-        "step_time_s": median_after_warmup([m["step_time_s"] for m in metrics]),
-        "samples_per_s": summary["samples_per_s"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "allreduce_bytes_per_step": summary["totals"]["allreduce_bytes"] / summary["steps"],
-        "sync_rounds_per_step": summary["totals"]["sync_rounds"] / summary["steps"],
-        "peak_mem_bytes": max(summary["peak_mem_bytes_per_rank"]),
-        "world_size": summary["world_size"],
+        "step_time_s": median_after_warmup([m.step_time_s for m in metrics]),
+        "samples_per_s": summary.samples_per_s,
+        "tokens_per_s": summary.tokens_per_s,
+        "allreduce_bytes_per_step": summary.totals.allreduce_bytes / summary.steps,
+        "sync_rounds_per_step": summary.totals.sync_rounds / summary.steps,
+        "peak_mem_bytes": max(summary.peak_mem_bytes_per_rank),
+        "world_size": summary.world_size,
         "micro_batch_size": micro,
         "accum_steps": accum,
     }

@@ -30,10 +30,19 @@ class BatchPlan:
         return self.micro_batch_size * self.accum_steps * self.world_size
 
     def describe(self) -> str:
+        """The long form, for the trainer's plan line."""
         return (
             f"world_size={self.world_size} x micro_batch_size={self.micro_batch_size} "
             f"x accum_steps={self.accum_steps} = global_batch_size={self.global_batch_size}"
         )
+
+    def short(self, num_machines: int = 1) -> str:
+        """``2p x mb1 x K=8`` (``2m x 1p x mb1 x K=8`` on two machines): processes x micro batch x accumulation,
+        for tables."""
+        processes = f"{self.world_size}p"
+        if num_machines > 1:
+            processes = f"{num_machines}m x {self.world_size // num_machines}p"
+        return f"{processes} x mb{self.micro_batch_size} x K={self.accum_steps}"
 
 
 def plan_batch(
@@ -104,12 +113,3 @@ def micro_batch_ids(window: list[int], plan: BatchPlan, rank: int, micro_step: i
     """The samples of rank ``rank`` at ``micro_step``: up to B, possibly none in a short window."""
     start = (micro_step * plan.world_size + rank) * plan.micro_batch_size
     return window[start : start + plan.micro_batch_size]
-
-
-def resolve_max_steps(max_steps: int, max_epochs: float, steps_per_epoch: int) -> int:
-    """Optimizer steps to train: ``max_steps``, or with ``max_epochs`` > 0, enough steps to cover that many
-    passes (rounded up, so a fraction of an epoch is trained rather than dropped)."""
-    if max_epochs <= 0:
-        return max_steps
-    # round() first: 0.3 x 10 is 3.0000000000000004 in floating point, which must not become 4 steps.
-    return max(1, math.ceil(round(max_epochs * steps_per_epoch, 9)))

@@ -12,16 +12,14 @@ same idea for gloo: one differentiable all-reduce of per-rank sums per layer and
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from launcher.config import ConfigError, ModelConfig
-from launcher.models import BATCH_NORM_MODELS
+from launcher.plan import batch_norm_micro_batch_error
+from launcher.rundir import BatchNormInfo
 
 
 class CpuSyncBatchNorm(_BatchNorm):
@@ -104,30 +102,18 @@ def samples_per_statistic(micro_batch_size: int, world_size: int, sync: bool) ->
     return micro_batch_size * (world_size if sync and world_size > 1 else 1)
 
 
-def check_micro_batch(cfg: ModelConfig, micro_batch_size: int, model: nn.Module | None = None) -> None:
-    """Refuse a micro-batch of one sample for a model with BatchNorm (in training, torch cannot take the
-    variance of one sample): known by name before anything is built (the built-in mlp-bn), or from the
-    built ``model``'s layers (any model)."""
-    if model is None:
-        has_batch_norm = cfg.name in BATCH_NORM_MODELS
-    else:
-        has_batch_norm = any(isinstance(m, _BatchNorm) for m in model.modules())
-    if has_batch_norm and micro_batch_size < 2:
-        raise ConfigError(
-            f"batch.micro_batch_size={micro_batch_size} is not valid with model.name={cfg.name!r}: BatchNorm needs "
-            ">= 2 samples per micro-batch in training; use batch.micro_batch_size >= 2"
-        )
+def check_micro_batch(model_name: str, micro_batch_size: int, model: nn.Module) -> None:
+    """Refuse a micro-batch of one sample for a model with BatchNorm layers (in training, torch cannot take the
+    variance of one sample); the built-in mlp-bn is refused by name earlier, by ``plan.make_plan``."""
+    if micro_batch_size < 2 and any(isinstance(m, _BatchNorm) for m in model.modules()):
+        raise batch_norm_micro_batch_error(model_name, micro_batch_size)
 
 
-def summary(model: nn.Module, micro_batch_size: int, world_size: int) -> dict[str, Any] | None:
+def summary(model: nn.Module, micro_batch_size: int, world_size: int) -> BatchNormInfo | None:
     """summary.json's ``batch_norm``: None without BatchNorm layers; else how many, whether they are synced
     (converted, which needs more than one process) and how many samples each statistic covers."""
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not layers:
         return None
     sync = any(isinstance(m, (nn.SyncBatchNorm, CpuSyncBatchNorm)) for m in layers)
-    return {
-        "layers": len(layers),
-        "sync": sync,
-        "samples_per_statistic": samples_per_statistic(micro_batch_size, world_size, sync),
-    }
+    return BatchNormInfo(len(layers), sync, samples_per_statistic(micro_batch_size, world_size, sync))

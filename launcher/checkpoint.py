@@ -1,6 +1,6 @@
-"""Checkpoints at optimizer-step boundaries: the format, atomic writes, pruning, finding and loading.
+"""Checkpoints at optimizer-step boundaries: the format, atomic writes, finding and loading.
 
-A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNNN/`` holding
+A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNNN/`` (paths and pruning: ``rundir``) holding
 
     model.safetensors   the weights (tied tensors stored once)
     optimizer.pt        the optimizer state dict (tensors and plain values only)
@@ -8,14 +8,13 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNNN/`` holding
     scaler.pt           the AMP gradient scaler, when there is one
     meta.json           step, batch plan, model, dtype, and every file's size; written last
 
-The step is the whole position of a run: the sample order (``batching.SampleOrder``) and the
-learning rate (``lr.lr_at``) are pure functions of it. Nothing is loaded with pickle: ``.pt``
-files go through ``torch.load(weights_only=True)``, the rest are safetensors and JSON.
+What is saved is the ``TrainState`` (``state``) and the ranks' RNG streams. Nothing is loaded with pickle:
+``.pt`` files go through ``torch.load(weights_only=True)``, the rest are safetensors and JSON.
 
-A checkpoint is written into ``.tmp-step-NNNNNNNN/``, every file fsynced, then renamed: a folder
-named ``step-*`` is complete by construction, and a save killed half-way leaves only a ``.tmp-``
-folder that the next save or resume removes. Pruning runs after the rename, so the newest
-complete checkpoint is never deleted before its successor exists.
+A checkpoint is written into ``.tmp-step-NNNNNNNN/``, every file fsynced, then renamed: a folder named
+``step-*`` is complete by construction, and a save killed half-way leaves only a ``.tmp-`` folder that the
+next save or resume removes. Pruning runs after the rename, so the newest complete checkpoint is never
+deleted before its successor exists.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +30,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 
-from launcher.batching import BatchPlan
+from launcher import faults
 from launcher.config import Config, UserError
 from launcher.distributed import gather_object
-from launcher.metrics import write_json_atomic
+from launcher.files import fsync_path, write_json_atomic
+from launcher.plan import RunPlan
+from launcher.rundir import CHECKPOINT_META, PARTIAL_PREFIX, RunDir
+from launcher.state import TrainState
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-META = "meta.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
@@ -59,50 +58,21 @@ class NonFiniteModelError(RuntimeError):
     """The weights hold NaN or inf: such a model is never written as a checkpoint."""
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
-
-
-def step_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir``, oldest first (``.tmp-`` folders are never complete)."""
-    found = []
-    root = checkpoint_dir(output_dir)
-    if root.is_dir():
-        for path in root.iterdir():
-            suffix = path.name[len(PREFIX) :]
-            if path.name.startswith(PREFIX) and suffix.isdigit() and (path / META).is_file():
-                found.append((int(suffix), path))
-    return sorted(found)
-
-
-def remove_partial(output_dir: str | Path) -> None:
-    """Delete ``.tmp-`` folders left by a save that was killed before its rename."""
-    root = checkpoint_dir(output_dir)
-    if root.is_dir():
-        for path in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_all(output_dir: str | Path) -> None:
-    """Forget an earlier run's checkpoints (run.overwrite=true), so that resume=auto never picks one up."""
-    shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder entry to disk; a rename is only durable once both are."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _model_meta(cfg: Config) -> dict[str, Any]:
-    return {key: getattr(cfg.model, key) for key in MODEL_KEYS}
+def run_meta(cfg: Config, plan: RunPlan) -> dict[str, Any]:
+    """What every checkpoint of this run records besides its step: the batch plan, model, dtype, optimizer."""
+    batch = plan.batch
+    return {
+        "format": FORMAT_VERSION,
+        "global_batch_size": batch.global_batch_size,
+        "world_size": batch.world_size,
+        "micro_batch_size": batch.micro_batch_size,
+        "accum_steps": batch.accum_steps,
+        "model": {key: getattr(cfg.model, key) for key in MODEL_KEYS},
+        "dtype": cfg.run.dtype,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.run.seed,
+        "max_steps": plan.max_steps,
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -117,60 +87,42 @@ def _weights_are_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    plan: BatchPlan,
-    step: int,
-) -> Path:
-    """Write the checkpoint of optimizer step ``step`` (steps done) on rank 0; every rank must call it.
+def save_checkpoint(accelerator: Accelerator, state: TrainState, run: RunDir, meta: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of ``state.step`` (steps done) on rank 0; every rank must call it.
 
-    Every rank checks its weights and hands its RNG state to rank 0, which writes the whole folder,
-    so no shared file system is needed for writing.
+    Every rank checks its weights and hands its RNG state to rank 0, which writes the whole folder, so no
+    shared file system is needed for writing.
     """
     # Identical weights on every rank under DDP, so every rank reaches the same verdict and none is left waiting.
-    if not _weights_are_finite(model):
-        raise NonFiniteModelError(f"the weights after step {step} are not finite; no checkpoint written")
+    if not _weights_are_finite(state.model):
+        raise NonFiniteModelError(f"the weights after step {state.step} are not finite; no checkpoint written")
     rng_states = gather_object(accelerator, _rng_state())
-    final = checkpoint_dir(cfg.run.output_dir) / step_name(step)
+    final = run.checkpoint_path(state.step)
     if accelerator.is_main_process and not final.exists():
-        meta = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "global_batch_size": plan.global_batch_size,
-            "world_size": plan.world_size,
-            "micro_batch_size": plan.micro_batch_size,
-            "accum_steps": plan.accum_steps,
-            "model": _model_meta(cfg),
-            "dtype": cfg.run.dtype,
-            "optimizer": cfg.optim.name,
-            "seed": cfg.run.seed,
-            "max_steps": cfg.run.max_steps,
-        }
-        _write_checkpoint(final, meta, lambda folder: _write_files(folder, accelerator, model, optimizer, rng_states))
-        prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
+        _write_checkpoint(
+            run, final, {**meta, "step": state.step}, lambda folder: _write_files(folder, state, rng_states)
+        )
+        run.prune_checkpoints(keep)
     # The other ranks wait here rather than in the next collective: a rank that runs ahead into a
     # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
     accelerator.wait_for_everyone()
     return final
 
 
-def _write_checkpoint(final: Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> None:
+def _write_checkpoint(run: RunDir, final: Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> None:
     """Rank 0: a temporary folder, its files, meta.json (with every file's size) last, fsync, rename."""
-    tmp = final.with_name(TMP_PREFIX + final.name)
-    remove_partial(final.parent.parent)
+    tmp = final.with_name(PARTIAL_PREFIX + final.name)
+    run.remove_partial_checkpoints()
     try:
         tmp.mkdir(parents=True)
         write_files(tmp)
-        _pause_for_tests(meta["step"])
+        faults.pause_in_save(meta["step"])
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         # meta.json last: it lists the sizes that a later resume checks every file against.
-        write_json_atomic(tmp / META, meta)
-        _fsync(tmp)
+        write_json_atomic(tmp / CHECKPOINT_META, meta)
+        fsync_path(tmp)
         os.rename(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -178,35 +130,15 @@ def _write_checkpoint(final: Path, meta: dict[str, Any], write_files: Callable[[
         ) from None
 
 
-def _write_files(
-    folder: Path,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rng_states: list[dict[str, Any]],
-) -> None:
-    from safetensors.torch import save_model
-
-    save_model(accelerator.unwrap_model(model), str(folder / WEIGHTS))
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER)
+def _write_files(folder: Path, state: TrainState, rng_states: list[dict[str, Any]]) -> None:
+    saved = state.state_dict()
+    save_model(state.module, str(folder / WEIGHTS))  # not saved["model"]: save_model stores tied tensors once
+    torch.save(saved["optimizer"], folder / OPTIMIZER)
     torch.save(rng_states, folder / RNG)
-    if accelerator.scaler is not None:
-        torch.save(accelerator.scaler.state_dict(), folder / SCALER)
+    if saved["scaler"] is not None:
+        torch.save(saved["scaler"], folder / SCALER)
     for path in folder.iterdir():
-        _fsync(path)
-
-
-def _pause_for_tests(step: int) -> None:
-    """Test hook: hold the save of ``step`` open (files written, not yet renamed) until a signal arrives, so a
-    test can SIGKILL or SIGTERM a run at exactly that point."""
-    if os.environ.get("ACCUM_TEST_PAUSE_IN_SAVE_AT_STEP") == str(step):
-        signal.pause()
-
-
-def prune(output_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints."""
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        fsync_path(path)
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -214,7 +146,7 @@ def resolve_resume(cfg: Config) -> Path | None:
     if cfg.run.resume == "none":
         return None
     if cfg.run.resume == "auto":
-        found = list_checkpoints(cfg.run.output_dir)
+        found = RunDir(cfg.run.output_dir).checkpoints()
         return found[-1][1] if found else None
     path = Path(cfg.run.resume)
     if not path.is_dir():
@@ -231,16 +163,20 @@ class CheckpointInfo:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    def in_folder(self, run: RunDir) -> bool:
+        """Whether this is one of ``run``'s own checkpoints (a resume that continues the run there)."""
+        return self.path.resolve().parent == run.checkpoints_dir.resolve()
+
 
 def read_checkpoint(path: Path) -> CheckpointInfo:
     """Read ``meta.json`` and check that every file it lists is there with its full size."""
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads((path / CHECKPOINT_META).read_text())
         files = meta["files"]
         int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is incomplete: no readable {META} (a save that did not finish?)"
+            f"checkpoint {str(path)!r} is incomplete: no readable {CHECKPOINT_META} (a save that did not finish?)"
         ) from None
     for name, size in files.items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
@@ -252,11 +188,11 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path, meta)
 
 
-def check_compatible(info: CheckpointInfo, cfg: Config, plan: BatchPlan) -> None:
+def check_compatible(info: CheckpointInfo, cfg: Config, plan: RunPlan) -> None:
     """Refuse a checkpoint of another model, dtype or optimizer, or (unless allowed) another global batch."""
     where = f"checkpoint {str(info.path)!r}"
-    for key, value in _model_meta(cfg).items():
-        saved = info.meta["model"].get(key)
+    for key in MODEL_KEYS:
+        saved, value = info.meta["model"].get(key), getattr(cfg.model, key)
         if saved != value:
             raise CheckpointError(f"{where} is of another model: model.{key}={saved!r} there, {value!r} here")
     for key, saved, value in (
@@ -265,21 +201,19 @@ def check_compatible(info: CheckpointInfo, cfg: Config, plan: BatchPlan) -> None
     ):
         if saved != value:
             raise CheckpointError(f"{where} was written with {key}={saved!r}; this run has {value!r}")
-    saved_batch = info.meta["global_batch_size"]
-    if saved_batch != plan.global_batch_size and not cfg.run.allow_batch_change:
+    saved_batch, batch = info.meta["global_batch_size"], plan.batch.global_batch_size
+    if saved_batch != batch and not cfg.run.allow_batch_change:
         raise CheckpointError(
-            f"{where} was written with global_batch_size={saved_batch}, this run has {plan.global_batch_size}: "
+            f"{where} was written with global_batch_size={saved_batch}, this run has {batch}: "
             "the steps would not continue the same samples; set run.allow_batch_change=true to resume anyway"
         )
 
 
-def check_step(info: CheckpointInfo, cfg: Config) -> None:
-    """Refuse a checkpoint past the end of this run; called once run.max_steps is resolved (run.max_epochs
-    needs the training set's size)."""
-    if info.step > cfg.run.max_steps:
-        raise CheckpointError(
-            f"checkpoint {str(info.path)!r} is at step {info.step}, past run.max_steps={cfg.run.max_steps}"
-        )
+def check_step(info: CheckpointInfo, max_steps: int) -> None:
+    """Refuse a checkpoint past the end of this run; called once the steps are resolved (run.max_epochs needs
+    the training set's size)."""
+    if info.step > max_steps:
+        raise CheckpointError(f"checkpoint {str(info.path)!r} is at step {info.step}, past run.max_steps={max_steps}")
 
 
 def _load_pt(path: Path) -> Any:
@@ -292,9 +226,6 @@ def _load_pt(path: Path) -> Any:
 
 
 def _load_weights(path: Path, model: torch.nn.Module) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -317,28 +248,27 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_checkpoint(
-    info: CheckpointInfo,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    plan: BatchPlan,
-) -> str:
-    """Restore weights, optimizer, RNG and scaler in place on every rank; returns a note on the RNG restore."""
-    _load_weights(info.path / WEIGHTS, accelerator.unwrap_model(model))
-    optimizer.load_state_dict(_load_pt(info.path / OPTIMIZER))
-    if accelerator.scaler is not None and (info.path / SCALER).is_file():
-        accelerator.scaler.load_state_dict(_load_pt(info.path / SCALER))
+def load_checkpoint(info: CheckpointInfo, state: TrainState, rank: int, world_size: int) -> str:
+    """Restore the train state and this rank's RNG streams in place; returns a note on the RNG restore."""
+    _load_weights(info.path / WEIGHTS, state.module)
+    scaler = info.path / SCALER
+    state.load_state_dict(
+        {
+            "step": info.step,
+            "optimizer": _load_pt(info.path / OPTIMIZER),
+            "scaler": _load_pt(scaler) if scaler.is_file() else None,
+        }
+    )
     states = _load_pt(info.path / RNG)
-    if len(states) != plan.world_size:
+    if len(states) != world_size:
         # Per-rank streams (dropout) cannot map onto another number of ranks; seed them from the position instead.
-        torch.manual_seed(int(info.meta["seed"]) * 1_000_003 + info.step * 1_009 + accelerator.process_index)
-        return f"rng: the checkpoint has {len(states)} rank(s), this launch {plan.world_size}; streams re-seeded"
-    state = states[accelerator.process_index]
-    python_state = state["python"]
+        torch.manual_seed(int(info.meta["seed"]) * 1_000_003 + info.step * 1_009 + rank)
+        return f"rng: the checkpoint has {len(states)} rank(s), this launch {world_size}; streams re-seeded"
+    own = states[rank]
+    python_state = own["python"]
     # JSON-like containers come back as lists; random.setstate wants the tuples it gave.
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
     return "rng: restored per rank"

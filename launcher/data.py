@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from launcher import tokencache
+from launcher.builtin import CLS, LM, SYNTHETIC_TASKS
 from launcher.config import ConfigError, DataConfig, EvalConfig
-from launcher.models import CLS, LM, Encoded, ModelBundle, first_line
+from launcher.loss import IGNORE
+from launcher.models import Encoded, ModelBundle, first_line
 
-IGNORE = -100  # label value that contributes no loss and is not counted
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SYNTHETIC = {"synthetic-lm": LM, "synthetic-cls": CLS}
 
 
 @dataclass
@@ -114,7 +114,7 @@ class _Table:
 
 
 def _load_file(key: str, name: str) -> _Table:
-    import datasets
+    import datasets  # seconds of import, for file and hub data only: synthetic runs never pay it
 
     datasets.disable_progress_bars()
     path = Path(name).expanduser()
@@ -282,9 +282,9 @@ def _synthetic(
     data: DataConfig, evaluation: EvalConfig, bundle: ModelBundle, seed: int, num_labels: int
 ) -> tuple[TokenDataset, TokenDataset | None]:
     """Generate data.num_samples samples; eval.fraction carves the eval set out of them."""
-    if SYNTHETIC[data.name] != bundle.task:
+    if SYNTHETIC_TASKS[data.name] != bundle.task:
         raise ConfigError(
-            f"data.name={data.name!r} is a {SYNTHETIC[data.name]} set but the model's task is {bundle.task}; "
+            f"data.name={data.name!r} is a {SYNTHETIC_TASKS[data.name]} set but the model's task is {bundle.task}; "
             f"use data.name=synthetic-{bundle.task}"
         )
     if bundle.vocab_size < 258:
@@ -309,7 +309,7 @@ def build_datasets(
 ) -> Datasets:
     """The training set and the eval set (None when the eval section names none) for ``bundle``'s task."""
     names = None
-    if data.name in SYNTHETIC:
+    if data.name in SYNTHETIC_TASKS:
         train, evaluated = _synthetic(data, evaluation, bundle, seed, num_labels)
         status = tokencache.OFF  # generated as token ids: nothing to tokenize
     else:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import InitProcessGroupKwargs, LoggerType
 
 from launcher.config import Config, ConfigError
 from launcher.preflight import LaunchError, check_launch, launch_from_torchrun_env
@@ -52,9 +53,6 @@ def tracker_names(log_with: str) -> list[str]:
     Accelerate drops a tracker whose package is missing with a debug-level log line, so a run asked to
     log to TensorBoard would train without it; refuse instead, naming the install command.
     """
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
-
     names = [name.strip() for name in log_with.split(",") if name.strip()]
     if names == ["none"]:
         return []
@@ -72,6 +70,18 @@ def tracker_names(log_with: str) -> list[str]:
                 f"it silently); install it with: pip install '{package}'"
             )
     return list(dict.fromkeys(names))
+
+
+def tracker_values(record: dict[str, object]) -> dict[str, float]:
+    """The numeric fields of a metrics.jsonl record for an experiment tracker (nested ones, like an
+    evaluation's, as ``eval/loss``); the step is passed separately, flags and lists are left out."""
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            values.update({f"{key}/{k}": v for k, v in tracker_values(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            values[key] = value
+    return values
 
 
 def start_trackers(accelerator: Accelerator, config: dict[str, object]) -> None:

@@ -15,11 +15,11 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from launcher.data import IGNORE, TokenDataset, model_inputs
+from launcher.builtin import CLS, LM
+from launcher.data import TokenDataset, model_inputs
 from launcher.distributed import broadcast_buffers
-from launcher.loop import item_losses
-from launcher.metrics import now_s, synchronize
-from launcher.models import CLS, LM
+from launcher.loss import IGNORE, item_losses
+from launcher.measure import now_s, synchronize
 
 
 def accuracy(labels: list[int], predictions: list[int]) -> float:

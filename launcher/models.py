@@ -10,14 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
+from launcher.builtin import BUILTIN_TASKS, CLS, LM
 from launcher.config import ConfigError, ModelConfig
 
-LM, CLS = "lm", "cls"
-BUILTIN_TASKS = {"tiny-gpt2": LM, "tiny-bert": CLS, "mlp-bn": CLS}
-# Built-in models that normalize with BatchNorm: a micro-batch of one sample cannot train them.
-BATCH_NORM_MODELS = frozenset({"mlp-bn"})
 ENCODE_BATCH_ROWS = 1000  # rows per tokenizer call: fast tokenizers work on a batch in parallel
 
 # What an encoder returns: "input_ids" per row, and "token_type_ids" (0 = first text, 1 = second) for pairs when
@@ -86,39 +95,32 @@ def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str:
     )
 
 
-def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+# The built-in transformers: (task, config class, model class, the config's names for positions, width,
+# depth and heads). The same tiny shape in each architecture's own words.
+TINY = {
+    "tiny-gpt2": (LM, GPT2Config, GPT2LMHeadModel, ("n_positions", "n_embd", "n_layer", "n_head")),
+    "tiny-bert": (
+        CLS,
+        BertConfig,
+        BertForSequenceClassification,
+        ("max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads"),
+    ),
+}
 
+
+def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
     tok = ByteTokenizer()
     task = _task_of(cfg, None)
-    if cfg.name == "tiny-gpt2":
-        if task != LM:
-            raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='tiny-gpt2' (a causal LM)")
-        config = GPT2Config(
-            vocab_size=tok.vocab_size,
-            n_positions=max_positions,
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_heads,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.bos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        build = GPT2LMHeadModel
+    expected, config_class, build, names = TINY[cfg.name]
+    if task != expected:
+        kind = "a causal LM" if expected == LM else "a classifier"
+        raise ConfigError(f"model.task={cfg.task!r} does not fit model.name={cfg.name!r} ({kind})")
+    shape = dict(zip(names, (max_positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads), strict=True))
+    if task == LM:
+        extra = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.bos_token_id}
     else:
-        if task != CLS:
-            raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='tiny-bert' (a classifier)")
-        config = BertConfig(
-            vocab_size=tok.vocab_size,
-            max_position_embeddings=max_positions,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * cfg.hidden_size,
-            num_labels=cfg.num_labels,
-            pad_token_id=tok.pad_token_id,
-        )
-        build = BertForSequenceClassification
+        extra = {"intermediate_size": 4 * cfg.hidden_size, "num_labels": cfg.num_labels}
+    config = config_class(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **shape, **extra)
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}")
     _set_dropout(config, cfg.dropout)
@@ -134,8 +136,6 @@ def first_line(err: BaseException) -> str:
 
 
 def _unknown_architecture(name: str, model_type: str) -> ConfigError:
-    import transformers
-
     return ConfigError(
         f"model.name={name!r} is a {model_type!r} model (config.json model_type), an architecture transformers "
         f"{transformers.__version__} does not know; use a model of a known type or a transformers that has it"
@@ -145,8 +145,6 @@ def _unknown_architecture(name: str, model_type: str) -> ConfigError:
 def _check_local_folder(name: str, folder: Path) -> None:
     """A missing folder, a folder without config.json and an unknown architecture, each in its own words
     (transformers would report all three as a long, generic message)."""
-    from transformers import CONFIG_MAPPING
-
     if not folder.is_dir():
         raise ConfigError(f"model.name={name!r}: no such folder")
     config_file = folder / "config.json"
@@ -228,8 +226,6 @@ def _mlp_bn(cfg: ModelConfig) -> ModelBundle:
 
 
 def _pretrained(cfg: ModelConfig) -> ModelBundle:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     source = cfg.name.removeprefix("hf:")
     if not source:
         raise ConfigError("model.name='hf:' needs a local folder or a hub id after 'hf:'")
@@ -269,6 +265,11 @@ def _pretrained(cfg: ModelConfig) -> ModelBundle:
     return ModelBundle(
         model, task, model.config.vocab_size, pad, _hf_encoder(tokenizer), tokenizer_fingerprint(tokenizer)
     )
+
+
+def pretrained_config(name: str) -> object:
+    """The transformers config of an ``hf:`` model (its config.json), without its weights."""
+    return AutoConfig.from_pretrained(name.removeprefix("hf:"))
 
 
 def build_model(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> ModelBundle:

@@ -23,7 +23,8 @@ class LaunchError(UserError):
     """The launch does not give what the run needs; the message is one line for the user."""
 
 
-# The variables each communication backend reads to pick its network interface (DESIGN.md trap 9).
+# The variables each communication backend reads to pick its network interface. gloo otherwise takes the
+# address the hostname resolves to, often a loopback one, and wants a concrete name (`^lo` is not accepted).
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 

@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from launcher.rundir import RunSummary, StepRecord
+
 
 def _bar(console: Console, label: str, clock: ProgressColumn) -> Progress:
     """label | bar | done/total | the task's ``info`` field | a clock."""
@@ -56,13 +58,13 @@ class StepProgress(_LiveLines):
             self._task = self._progress.add_task("train", total=total_steps, info="")
             self._progress.start()
 
-    def update(self, record: dict[str, Any]) -> None:
-        rate = record["samples"] / record["step_time_s"] if record["step_time_s"] else 0.0
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {rate:,.1f} samples/s"
+    def update(self, record: StepRecord) -> None:
+        rate = record.samples / record.step_time_s if record.step_time_s else 0.0
+        info = f"loss {record.loss:.4f}  lr {record.lr:.2e}  {rate:,.1f} samples/s"
         if self._progress is not None:
-            self._progress.update(self._task, completed=record["step"], info=info)
-        elif record["step"] % self.log_every_steps == 0 or record["step"] == self.total_steps:
-            print(f"step {record['step']}/{self.total_steps}  {info}", flush=True)
+            self._progress.update(self._task, completed=record.step, info=info)
+        elif record.step % self.log_every_steps == 0 or record.step == self.total_steps:
+            print(f"step {record.step}/{self.total_steps}  {info}", flush=True)
 
 
 def describe_eval(result: dict[str, Any]) -> str:
@@ -73,29 +75,25 @@ def describe_eval(result: dict[str, Any]) -> str:
     return f"{line} perplexity {result['perplexity']:.3f} (n={result['num_samples']}, {result['tokens']} tokens)"
 
 
-def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     console = console or Console(file=sys.stdout)
     table = Table(title="run summary", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
-    totals = summary["totals"]
+    totals, s = summary.totals, summary
     rows = [
-        ("launch", f"{summary['world_size']} process(es), {summary['backend']}, {summary['dtype']}"),
-        (
-            "batch",
-            f"{summary['micro_batch_size']} x {summary['accum_steps']} x {summary['world_size']} "
-            f"= {summary['global_batch_size']} samples/step",
-        ),
-        ("steps", str(summary["steps"])),
-        ("loss", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"),
-        ("median step time", f"{summary['median_step_time_s'] * 1000:.1f} ms"),
-        ("samples/s", f"{summary['samples_per_s']:,.1f}"),
-        ("sync rounds", f"{totals['sync_rounds']} ({totals['sync_rounds'] / max(summary['steps'], 1):g}/step)"),
-        ("all-reduce", f"{totals['allreduce_bytes'] / 2**20:,.2f} MiB in {totals['allreduce_calls']} calls"),
-        ("peak memory / process", f"{max(summary['peak_mem_bytes_per_rank']) / 2**20:,.1f} MiB"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        *([("eval", describe_eval(summary["eval"]))] if summary.get("eval") else []),
-        ("output", summary["output_dir"]),
+        ("launch", f"{s.world_size} process(es), {s.backend}, {s.dtype}"),
+        ("batch", f"{s.micro_batch_size} x {s.accum_steps} x {s.world_size} = {s.global_batch_size} samples/step"),
+        ("steps", str(s.steps)),
+        ("loss", f"{s.first_loss:.4f} -> {s.final_loss:.4f}"),
+        ("median step time", f"{s.median_step_time_s * 1000:.1f} ms"),
+        ("samples/s", f"{s.samples_per_s:,.1f}"),
+        ("sync rounds", f"{totals.sync_rounds} ({totals.sync_rounds / max(s.steps, 1):g}/step)"),
+        ("all-reduce", f"{totals.allreduce_bytes / 2**20:,.2f} MiB in {totals.allreduce_calls} calls"),
+        ("peak memory / process", f"{max(s.peak_mem_bytes_per_rank) / 2**20:,.1f} MiB"),
+        ("wall time", f"{s.wall_time_s:.1f} s"),
+        *([("eval", describe_eval(s.eval))] if s.eval else []),
+        ("output", s.output_dir),
     ]
     for what, value in rows:
         table.add_row(what, value)

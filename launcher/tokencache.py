@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from launcher.config import ConfigError
-from launcher.metrics import atomic_output
+from launcher.files import atomic_output
 from launcher.models import Encoded
 
 CACHE_FORMAT = 1  # part of every key: bump it when the stored layout changes

@@ -19,20 +19,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from accelerate.utils import set_seed
-
-from launcher import batchnorm, checkpoint, distributed
-from launcher.batching import BatchPlan, SampleOrder, plan_batch, resolve_max_steps
+from launcher import checkpoint, distributed, trainer
 from launcher.config import Config, UserError, flatten, load_config
-from launcher.data import build_datasets
-from launcher.evaluate import Evaluator
-from launcher.loop import NonFiniteError, StepContext, build_optimizer, run_loop
-from launcher.lr import resolve_optim
-from launcher.metrics import check_output_dir
-from launcher.models import LM, build_model
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from launcher.loop import NonFiniteError, run_loop
+from launcher.measure import COUNTER
+from launcher.plan import RunPlan, make_plan
+from launcher.rundir import RunDir
 
 # Exit codes (README, "Checkpoints and resume").
 EXIT_USER_ERROR = 2  # bad config, checkpoint or output folder: one "error:" line
@@ -55,9 +47,10 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
 
-    def install(self) -> None:
-        for sig in EXIT_ON_SIGNAL:
-            signal.signal(sig, self._handle)
+    def install(self) -> dict[int, object]:
+        """Handle the stop signals (none received yet); returns the handlers they had."""
+        self.received = None
+        return {sig: signal.signal(sig, self._handle) for sig in EXIT_ON_SIGNAL}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
@@ -86,73 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(cfg: Config, accelerator) -> StepContext:
-    """Model, data, batch plan, optimizer and evaluator, prepared for the launch (same seed: same initial weights).
-
-    Resolves ``cfg.run.max_steps`` in place from run.max_epochs, once the training set's size is known: every
-    later reader (schedule, progress, checkpoints, config.yaml) sees the number of steps actually trained.
-    """
-    set_seed(cfg.run.seed)
-    bundle = build_model(cfg.model, cfg.data.seq_len, DTYPES[cfg.run.dtype])
-    # Each machine's first process tokenizes (and fills the cache); the others then read the cache.
-    with distributed.local_main_first(accelerator):
-        data = build_datasets(cfg.data, cfg.eval, bundle, cfg.run.seed, cfg.model.num_labels)
-    plan = plan_batch(
-        cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.batch.accum_steps, accelerator.num_processes
-    )
-    batchnorm.check_micro_batch(cfg.model, plan.micro_batch_size, bundle.model)  # a hub model may have BatchNorm
-    # DDP's default broadcast_buffers=True copies rank 0's buffers to every rank at the first forward after
-    # each synced backward (once per optimizer step). With SyncBatchNorm every rank computes the same running
-    # statistics, so the copy changes nothing; with plain BatchNorm it discards the other ranks' updates: the
-    # running statistics (used in eval, saved from rank 0) follow rank 0's micro-batches alone.
-    model = bundle.model
-    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
-        # Before prepare(): DDP must wrap, and register the buffers of, the layers that will run.
-        model = batchnorm.convert_sync_batchnorm(model, cuda=accelerator.device.type == "cuda")
-    optim = resolve_optim(cfg.optim, plan.global_batch_size)
-    optimizer = build_optimizer(optim, model)
-    # Only model and optimizer go through prepare(): the sample order and the LR are owned by the loop.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # Different dropout draws per rank, as separate devices would have; identical runs stay identical.
-    torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)
-    order = SampleOrder(len(data.train), plan.global_batch_size, cfg.run.seed)
-    cfg.run.max_steps = resolve_max_steps(cfg.run.max_steps, cfg.run.max_epochs, order.steps_per_epoch)
-    evaluator = None
-    if data.eval is not None:
-        evaluator = Evaluator(accelerator, data.eval, cfg.eval.batch_size or plan.micro_batch_size, bundle.task)
-    return StepContext(
-        cfg,
-        accelerator,
-        model,
-        optimizer,
-        data.train,
-        plan,
-        order,
-        bundle.task,
-        optim,
-        evaluator=evaluator,
-        data_info=data.info,
-    )
-
-
-def describe_plan(ctx: StepContext) -> str:
-    line = f"plan: {ctx.plan.describe()} samples/step"
-    if ctx.task == LM:
-        mean_targets = sum(len(e) - 1 for e in ctx.dataset.examples) / len(ctx.dataset)
-        line += f" (~{mean_targets * ctx.plan.global_batch_size:,.0f} tokens/step)"
-    cfg = ctx.cfg
-    per_epoch = f"{ctx.order.steps_per_epoch} steps/epoch"
-    if cfg.run.max_epochs > 0:
-        per_epoch = f"run.max_epochs={cfg.run.max_epochs:g} x {per_epoch}, rounded up"
-    return (
-        f"{line}\n      backend={distributed.backend_name()} device={ctx.accelerator.device} dtype={cfg.run.dtype} "
-        f"precision={cfg.precision} sync={cfg.batch.sync} loss_normalization={cfg.batch.loss_normalization}\n"
-        f"      steps={cfg.run.max_steps} ({per_epoch}) samples={len(ctx.dataset)} "
-        f"eval_samples={ctx.data_info['eval_samples']} tokenized_cache={ctx.data_info['tokenized_cache']}\n"
-        f"      {ctx.optim.describe()}"
-    )
-
-
 def error_line(message: str, every_rank: bool = False) -> None:
     """One line on stderr: from each machine's first process for errors every rank shares, from each rank
     for its own failure."""
@@ -163,7 +89,7 @@ def error_line(message: str, every_rank: bool = False) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def resume_point(cfg: Config, plan: BatchPlan) -> checkpoint.CheckpointInfo | None:
+def resume_point(cfg: Config, plan: RunPlan) -> checkpoint.CheckpointInfo | None:
     """The checkpoint to resume, checked against this run before anything is written."""
     path = checkpoint.resolve_resume(cfg)
     if path is None:
@@ -173,49 +99,44 @@ def resume_point(cfg: Config, plan: BatchPlan) -> checkpoint.CheckpointInfo | No
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signals = STOP_SIGNALS
-    signals.install()
-    accelerator = ctx = None
+def train(cfg: Config) -> bool:
+    """Train ``cfg`` under this process's launch; returns whether the run stopped early (a signal or
+    run.stop_at_step) after its checkpoint."""
+    trackers = distributed.tracker_names(cfg.run.log_with)
+    # Checks that need no process group run first, identically on every rank.
+    plan = make_plan(cfg, distributed.launched_world_size())
+    resume = resume_point(cfg, plan)
+    folder = RunDir(cfg.run.output_dir)
+    # Every rank checks, on every machine: on a shared filesystem they all see the same folder and refuse
+    # together, at once, instead of leaving the other machines waiting in the rendezvous for a rank 0 that
+    # has quit. Only the main process writes there, and only after the process group has formed (the gloo
+    # connect, or DDP's first broadcast under NCCL, waits for every rank), hence after every rank's check:
+    # a slower machine never finds the results of the run it belongs to (measured: 2 machines, one folder).
+    # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
+    folder.check(cfg.run.overwrite, resuming=resume is not None and resume.in_folder(folder))
+    distributed.preflight(cfg)
+    accelerator = distributed.init_accelerator(cfg, trackers)
+    run = None
     try:
-        cfg = load_config(args.config, args.overrides)
-        trackers = distributed.tracker_names(cfg.run.log_with)
-        # Checks that need no process group run first, identically on every rank.
-        plan = plan_batch(
-            cfg.batch.global_batch_size,
-            cfg.batch.micro_batch_size,
-            cfg.batch.accum_steps,
-            distributed.launched_world_size(),
-        )
-        batchnorm.check_micro_batch(cfg.model, plan.micro_batch_size)
-        resume = resume_point(cfg, plan)
-        # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
-        own = (
-            resume is not None
-            and resume.path.resolve().parent == checkpoint.checkpoint_dir(cfg.run.output_dir).resolve()
-        )
-        # Every rank checks, on every machine: on a shared filesystem they all see the same folder and refuse
-        # together, at once, instead of leaving the other machines waiting in the rendezvous for a rank 0 that
-        # has quit. Only the main process writes there, and only after the process group has formed (the gloo
-        # connect, or DDP's first broadcast under NCCL, waits for every rank), hence after every rank's check:
-        # a slower machine never finds the results of the run it belongs to (measured: 2 machines, one folder).
-        check_output_dir(Path(cfg.run.output_dir), cfg.run.overwrite, resuming=own)
-        distributed.preflight(cfg)
-        accelerator = distributed.init_accelerator(cfg, trackers)
-        ctx = build(cfg, accelerator)
-        ctx.stop_requested = signals
-        note = ""
-        if resume is not None:
-            checkpoint.check_step(resume, cfg)  # against the resolved run.max_steps
-            note = checkpoint.load_checkpoint(resume, accelerator, ctx.model, ctx.optimizer, ctx.plan)
-            ctx.start_step = resume.step
+        run, note = trainer.build(cfg, plan, accelerator, folder, resume, STOP_SIGNALS)
         if accelerator.is_main_process:
-            print(describe_plan(ctx), flush=True)
+            print(trainer.describe(run), flush=True)
             if resume is not None:
                 print(f"resume: step {resume.step} from {resume.path} ({note})", flush=True)
-        distributed.start_trackers(accelerator, {**flatten(cfg.to_dict()), "optim.lr_resolved": ctx.optim.lr})
-        summary = run_loop(ctx)
+        distributed.start_trackers(accelerator, {**flatten(cfg.to_dict()), "optim.lr_resolved": run.plan.optim.lr})
+        return run_loop(run).stopped
+    finally:
+        run = None  # the DDP model in it holds the process group: released before the group is destroyed
+        distributed.shutdown(accelerator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train from the command line's config; the exit code (README, "Exit codes")."""
+    args = parse_args(argv)
+    handlers = STOP_SIGNALS.install()
+    COUNTER.install()
+    try:
+        stopped = train(load_config(args.config, args.overrides))
     except UserError as err:
         error_line(str(err))
         return EXIT_USER_ERROR
@@ -229,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         error_line(message, every_rank=True)
         return EXIT_COLLECTIVE
     finally:
-        ctx = None  # the DDP model in it holds the process group: released before the group is destroyed
-        distributed.shutdown(accelerator)
-    if summary["stopped"] and signals.received is not None:
-        return EXIT_ON_SIGNAL[signals.received]
+        COUNTER.uninstall()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stopped and STOP_SIGNALS.received is not None:
+        return EXIT_ON_SIGNAL[STOP_SIGNALS.received]
     return 0
 
 

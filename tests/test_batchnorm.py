@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,9 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from launcher.batchnorm import CpuSyncBatchNorm, convert_sync_batchnorm
-from launcher.compare import without_running_stats
-from launcher.launch import REPO, launch_env
-from tests.conftest import TRAIN, rel_l2
+from launcher.compare.judge import without_running_stats
+from launcher.compare.results import AGREES
+from tests.helpers import assert_one_error_line, compare_in_process, compared, rel_l2, train_in_process
 
 COMPARE = "configs/compare/batchnorm.yaml"
 EXACT = 1e-10  # float64 relative L2 of equivalent runs (measured ~1e-13)
@@ -36,42 +34,36 @@ EXPECTED_BN = {
 }
 
 
-def run_compare(folder, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.compare", "--config", COMPARE, f"output_dir={folder / 'out'}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def bn(tmp_path_factory):
     folder = tmp_path_factory.mktemp("batchnorm")
-    proc = run_compare(folder, "overrides.run.max_steps=4")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    out = folder / "out"
-    result = json.loads((out / "compare.json").read_text())
-    return {"out": out, "result": result, "modes": {m["name"]: m for m in result["modes"]}}
+    return compared(folder, COMPARE, f"output_dir={folder / 'out'}", "overrides.run.max_steps=4")
 
 
 def drift(bn, name: str) -> float:
-    return bn["modes"][name]["agreement"]["weights_rel_l2"]
+    return bn["modes"][name].agreement.weights_rel_l2
 
 
+@pytest.mark.launch
 def test_accumulation_and_plain_ddp_drift(bn):
     for name in ("accum_1x4", "ddp_2x8"):
         mode = bn["modes"][name]
-        assert mode["status"] == "ok" and mode["agreement"]["weights_rel_l2"] > DRIFT, name
+        assert mode.status == "ok" and mode.agreement.weights_rel_l2 > DRIFT, name
         # Not only the running statistics: training itself went elsewhere.
-        assert mode["agreement"]["parameters_rel_l2"] > DRIFT, name
-        assert mode["agreement"]["loss_max_abs_diff"] > DRIFT, name
+        assert mode.agreement.parameters_rel_l2 > DRIFT, name
+        assert mode.agreement.loss_max_abs_diff > DRIFT, name
 
 
+@pytest.mark.launch
 def test_sync_batchnorm_reproduces_the_big_batch_without_accumulation(bn):
     mode = bn["modes"]["ddp_syncbn_2x8"]
-    assert mode["verdict"] == "agrees" and mode["ok"]
-    assert mode["agreement"]["weights_rel_l2"] < EXACT  # running statistics included
-    assert mode["agreement"]["loss_max_abs_diff"] < 1e-12
-    assert bn["result"]["ok"] and bn["result"]["failed"] == []
+    assert mode.verdict == AGREES and mode.ok
+    assert mode.agreement.weights_rel_l2 < EXACT  # running statistics included
+    assert mode.agreement.loss_max_abs_diff < 1e-12
+    assert bn["result"].ok and bn["result"].failed == []
 
 
+@pytest.mark.launch
 def test_sync_batchnorm_does_not_sync_micro_steps(bn):
     assert drift(bn, "ddp_accum_syncbn_2x4") > DRIFT
     # Its statistics cover the same 8-sample groups as plain DDP 2 x 8 (positions 0-7 and 8-15 of each window),
@@ -85,15 +77,17 @@ def test_sync_batchnorm_does_not_sync_micro_steps(bn):
     assert rel_l2(weights["ddp_accum_syncbn_2x4"], weights["ddp_2x8"]) > DRIFT
 
 
+@pytest.mark.launch
 def test_each_run_says_what_a_statistic_covers(bn):
     for name, (samples, sync) in EXPECTED_BN.items():
         summary = json.loads((bn["out"] / "modes" / name / "summary.json").read_text())
         assert summary["batch_norm"] == {"layers": 2, "sync": sync, "samples_per_statistic": samples}, name
-        assert bn["modes"][name]["batch_norm"] == summary["batch_norm"]
+        assert bn["modes"][name].batch_norm == summary["batch_norm"]
 
 
+@pytest.mark.launch
 def test_preflight_and_report_explain_it(bn):
-    warnings = "\n".join(bn["result"]["warnings"])
+    warnings = "\n".join(bn["result"].warnings)
     assert (
         "accum_1x4: BatchNorm (BatchNorm1d): statistics over 4 samples per micro-step, the reference's over 16"
         in warnings
@@ -113,19 +107,13 @@ def test_preflight_and_report_explain_it(bn):
 @pytest.mark.parametrize("entry", ["train", "compare"])
 def test_a_micro_batch_of_one_is_one_line(tmp_path, entry):
     if entry == "train":
-        cmd = [sys.executable, TRAIN, "--config", "configs/runs/tiny_cls.yaml", f"run.output_dir={tmp_path / 'out'}"]
-        cmd += ["model.name=mlp-bn", "batch.micro_batch_size=1"]
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120
-        )
+        overrides = [f"run.output_dir={tmp_path / 'out'}", "model.name=mlp-bn", "batch.micro_batch_size=1"]
+        code, stderr = train_in_process(*overrides, config="configs/runs/tiny_cls.yaml")
     else:
-        proc = run_compare(tmp_path, "modes.accum_1x4.overrides.batch.micro_batch_size=1")
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for word in ("batch.micro_batch_size=1", "model.name='mlp-bn'", ">= 2 samples"):
-        assert word in errors[0], errors[0]
+        overrides = [f"output_dir={tmp_path / 'out'}", "modes.accum_1x4.overrides.batch.micro_batch_size=1"]
+        code, stderr = compare_in_process("--config", COMPARE, *overrides)
+    assert code == 2, stderr
+    assert_one_error_line(stderr, ("batch.micro_batch_size=1", "model.name='mlp-bn'", ">= 2 samples"))
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 

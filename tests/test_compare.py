@@ -1,176 +1,56 @@
-"""compare: real launches of a tiny 2-process comparison, judged from the files the runs wrote.
-
-One module-scoped comparison (5 modes, float64, 3 steps, about 10 s a launch on 2 cores) is shared by
-every check that needs runs. One of its modes is expected to agree but trains with another learning
-rate, so the command must exit 1 and name it, while the other modes are still run and judged.
-"""
+"""compare without its launches: config errors, preflight, the runner's failure reasons, judging and the report
+from a golden compare.json; and one launch, a SIGTERM that must stop every machine of a running mode."""
 
 from __future__ import annotations
 
-import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+import torch
+from torch import nn
 
-from launcher.compare import load_compare_config, plan_modes, preflight
-from launcher.launch import REPO, launch_env
-from tests.conftest import TINY_LM, read_run, rel_l2
+from launcher.compare import preflight as preflight_module
+from launcher.compare.config import load_compare_config
+from launcher.compare.judge import failure_lines, loss_agreement, verdict, weights_agreement
+from launcher.compare.modes import plan_modes
+from launcher.compare.preflight import batch_norm_layers, preflight
+from launcher.compare.report import markdown, write_all
+from launcher.compare.report.tables import cost_header, headline
+from launcher.compare.results import AGREES, DISAGREES, read_comparison
+from launcher.launch import REPO, LaunchOutcome, Machine, accelerate_command, launch_env
+from tests.helpers import (
+    alive,
+    assert_one_error_line,
+    compare_in_process,
+    descendants,
+    wait_until,
+    write_compare_config,
+)
 
-K = 2  # micro-steps per optimizer step of the 2-process modes
+GOLDEN = Path(__file__).parent / "data" / "compare_golden.json"
 COMMON = {
     "run.dtype": "float64",
     "run.max_steps": 3,
     "data.num_samples": 40,
     "optim.name": "sgd",
     "optim.lr": 0.5,
-    "optim.warmup_steps": 0,
-    "optim.grad_clip": 0,
     "batch.global_batch_size": 8,
     "batch.accum_steps": None,
 }
 MODES = {
     "ddp_accum_2x2": {"num_processes": 2, "overrides": {"batch.micro_batch_size": 2}},
     "accum_1x4": {"num_processes": 1, "overrides": {"batch.micro_batch_size": 2}},
-    "every_step_2x2": {"num_processes": 2, "overrides": {"batch": {"micro_batch_size": 2, "sync": "every_step"}}},
     "mean_1x4": {
         "num_processes": 1,
         "expect": "differ",
         "overrides": {"batch.micro_batch_size": 2, "batch.loss_normalization": "mean"},
     },
-    # Expected to agree, but given another learning rate: must fail the comparison, by name.
     "wrong_lr": {"num_processes": 1, "overrides": {"batch.micro_batch_size": 8, "optim.lr": 0.7}},
+    "two_machines": {"num_processes": 2, "num_machines": 2, "overrides": {"batch.micro_batch_size": 2}},
 }
-
-
-def write_config(folder: Path, modes: dict, **extra) -> Path:
-    path = folder / "compare.yaml"
-    data = {"base": str(REPO / TINY_LM), "output_dir": str(folder / "out"), "overrides": COMMON, "modes": modes}
-    path.write_text(yaml.safe_dump({**data, **extra}, sort_keys=False))
-    return path
-
-
-def compare(folder: Path, config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.compare", "--config", str(config), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=400)
-
-
-def compared(folder: Path, modes: dict, returncode: int = 0) -> dict:
-    """Run a comparison of ``modes`` and read its compare.json back, failing the test unless it exits
-    ``returncode`` (a negative code is a kill, 2 a config error)."""
-    proc = compare(folder, write_config(folder, modes))
-    assert proc.returncode == returncode, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    out = folder / "out"
-    result = json.loads((out / "compare.json").read_text())
-    return {"out": out, "result": result, "modes": {m["name"]: m for m in result["modes"]}, "proc": proc}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return compared(tmp_path_factory.mktemp("compare"), MODES, returncode=1)  # 1: wrong_lr disagrees
-
-
-def test_writes_every_output(tiny):
-    for name in ("compare.json", "report.md", "loss_curves.png", "cost.png"):
-        assert (tiny["out"] / name).stat().st_size > 0, name
-    report = (tiny["out"] / "report.md").read_text()
-    assert "![loss curves](loss_curves.png)" in report and "![cost](cost.png)" in report
-    for name in MODES:
-        assert name in report
-        assert (tiny["out"] / "modes" / name / "model.safetensors").is_file()
-    assert tiny["result"]["reference"] == "ddp_accum_2x2"  # the first mode, none named
-
-
-def test_equal_modes_agree_exactly(tiny):
-    for name in ("accum_1x4", "every_step_2x2"):
-        a = tiny["modes"][name]["agreement"]
-        assert a["weights_rel_l2"] <= 1e-10, (name, a)
-        assert a["loss_max_abs_diff"] <= 1e-10, (name, a)
-        assert a["weights_cosine"] == pytest.approx(1.0, abs=1e-12)
-        assert tiny["modes"][name]["verdict"] == "agrees"
-
-
-def test_mean_baseline_shows_its_deviation(tiny):
-    mean = tiny["modes"]["mean_1x4"]
-    assert mean["ok"] and mean["verdict"] == "differs, as expected"
-    assert mean["agreement"]["weights_rel_l2"] > 1e-6
-    assert mean["agreement"]["loss_max_abs_diff"] > 0
-
-
-def test_agreement_is_read_from_the_saved_weights(tiny):
-    # The same distance, recomputed here from the two runs' model.safetensors.
-    runs = {name: read_run(tiny["out"] / "modes" / name) for name in ("ddp_accum_2x2", "mean_1x4")}
-    expected = rel_l2(runs["mean_1x4"]["weights"], runs["ddp_accum_2x2"]["weights"])
-    assert tiny["modes"]["mean_1x4"]["agreement"]["weights_rel_l2"] == pytest.approx(expected, rel=1e-12)
-    assert tiny["modes"]["mean_1x4"]["losses"] == [m["loss"] for m in runs["mean_1x4"]["metrics"]]
-
-
-def test_every_step_costs_k_times_the_bytes(tiny):
-    no_sync, every = tiny["modes"]["ddp_accum_2x2"]["cost"], tiny["modes"]["every_step_2x2"]["cost"]
-    assert no_sync["allreduce_bytes_per_step"] > 0
-    assert every["allreduce_bytes_per_step"] == K * no_sync["allreduce_bytes_per_step"]
-    assert (no_sync["sync_rounds_per_step"], every["sync_rounds_per_step"]) == (1, K)
-    assert tiny["modes"]["accum_1x4"]["cost"]["allreduce_bytes_per_step"] == 0
-
-
-def test_cost_comes_from_each_summary(tiny):
-    for name, mode in tiny["modes"].items():
-        summary = read_run(tiny["out"] / "modes" / name)["summary"]
-        cost = mode["cost"]
-        assert cost["median_step_time_s"] == summary["median_step_time_s"]
-        assert len(cost["peak_mem_bytes_per_process"]) == mode["plan"]["world_size"]
-        assert cost["tokens_per_s"] > 0 and cost["wall_time_s"] > 0
-    assert tiny["modes"]["ddp_accum_2x2"]["cost"]["step_time_ratio"] == 1.0
-
-
-def test_preflight_names_what_breaks_equivalence(tmp_path):
-    # Nothing launches here: the warnings come from the resolved configs alone.
-    config = write_config(tmp_path, MODES)
-    overrides = [
-        "overrides.model.dropout=0.1",
-        "modes.accum_1x4.overrides.optim.lr=0.9",
-        "modes.every_step_2x2.overrides.run.dtype=float32",
-        "modes.every_step_2x2.overrides.precision=bf16",
-    ]
-    cfg = load_compare_config(config, overrides)
-    planned = plan_modes(cfg)
-    warnings = "\n".join(preflight(planned, planned[0]))
-    assert "all modes: model.dropout=0.1" in warnings
-    assert "every_step_2x2: precision=bf16" in warnings
-    assert "mean_1x4: batch.loss_normalization=mean with variable lengths" in warnings
-    assert "accum_1x4: changes more than the split" in warnings and "optim.lr: 0.5 -> 0.9" in warnings
-    assert "BatchNorm" not in warnings  # GPT-2 has none
-
-
-def test_preflight_names_batch_norm(tmp_path, monkeypatch):
-    from torch import nn
-
-    from launcher import compare as compare_module
-
-    assert compare_module.batch_norm_layers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) == ["BatchNorm1d"]
-    monkeypatch.setattr(compare_module, "model_batch_norm", lambda train: ["BatchNorm1d"])
-    planned = plan_modes(load_compare_config(write_config(tmp_path, MODES)))
-    warnings = preflight(planned, planned[0])
-    # Only wrong_lr (micro batch 8) takes its statistics over other samples than the reference (micro batch 2).
-    bn_warnings = [w for w in warnings if "BatchNorm" in w]
-    assert bn_warnings == [
-        "wrong_lr: BatchNorm (BatchNorm1d): statistics over 8 samples per micro-step, the reference's over 2: "
-        "normalization changes with the split"
-    ]
-
-
-def test_a_mode_that_should_agree_but_does_not_fails_by_name(tiny):
-    errors = [line for line in tiny["proc"].stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, tiny["proc"].stderr
-    assert "mode 'wrong_lr'" in errors[0] and "expected to equal 'ddp_accum_2x2'" in errors[0]
-    assert tiny["result"]["failed"] == ["wrong_lr"] and not tiny["result"]["ok"]
-    wrong = tiny["modes"]["wrong_lr"]
-    assert wrong["verdict"] == "DISAGREES"
-    assert wrong["agreement"]["weights_rel_l2"] > wrong["agreement"]["tolerance_rel_l2"]
-    # The preflight said why before anything ran.
-    assert "wrong_lr: changes more than the split" in tiny["proc"].stdout
 
 
 @pytest.mark.parametrize(
@@ -184,14 +64,120 @@ def test_a_mode_that_should_agree_but_does_not_fails_by_name(tiny):
         ),
         (["reference=nope"], ["reference='nope'", "must name a mode"]),
         (["modes.accum_1x4.num_processes=3"], ["mode 'accum_1x4'", "not divisible", "world_size=3"]),
+        (["modes.two_machines.num_processes=3"], ["modes.two_machines.num_processes=3", "multiple of num_machines=2"]),
     ],
 )
 def test_bad_compare_config_gets_one_line(tmp_path, overrides, words):
-    proc = compare(tmp_path, write_config(tmp_path, MODES), *overrides)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
+    code, stderr = compare_in_process("--config", str(write_compare_config(tmp_path, MODES, COMMON)), *overrides)
+    assert code == 2
+    assert_one_error_line(stderr, words)
     assert not (tmp_path / "out").exists()  # refused before any launch
+
+
+def test_preflight_names_what_breaks_equivalence(tmp_path):
+    overrides = [
+        "overrides.model.dropout=0.1",
+        "modes.accum_1x4.overrides.optim.lr=0.9",
+        "modes.wrong_lr.overrides.run.dtype=float32",
+        "modes.wrong_lr.overrides.precision=bf16",
+    ]
+    planned = plan_modes(load_compare_config(write_compare_config(tmp_path, MODES, COMMON), overrides))
+    warnings = "\n".join(preflight(planned, planned[0]))
+    assert "all modes: model.dropout=0.1" in warnings
+    assert "wrong_lr: precision=bf16" in warnings
+    assert "mean_1x4: batch.loss_normalization=mean with variable lengths" in warnings
+    assert "accum_1x4: changes more than the split" in warnings and "optim.lr: 0.5 -> 0.9" in warnings
+    assert "BatchNorm" not in warnings  # GPT-2 has none
+
+
+def test_preflight_names_batch_norm(tmp_path, monkeypatch):
+    assert batch_norm_layers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) == ["BatchNorm1d"]
+    monkeypatch.setattr(preflight_module, "model_batch_norm", lambda train: ["BatchNorm1d"])
+    planned = plan_modes(load_compare_config(write_compare_config(tmp_path, MODES, COMMON)))
+    # Only wrong_lr (micro batch 8) takes its statistics over other samples than the reference (micro batch 2).
+    assert [w for w in preflight(planned, planned[0]) if "BatchNorm" in w] == [
+        "wrong_lr: BatchNorm (BatchNorm1d): statistics over 8 samples per micro-step, the reference's over 2: "
+        "normalization changes with the split"
+    ]
+
+
+def test_each_machine_launch_names_its_rank_and_the_shared_rendezvous():
+    cmd = accelerate_command(4, machine=Machine(num_machines=2, machine_rank=1, main_process_port=29555))
+    flags = ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port")
+    # --num_processes counts the processes of all machines, as accelerate does
+    assert [cmd[cmd.index(flag) + 1] for flag in flags] == ["4", "2", "1", "127.0.0.1", "29555"]
+    assert "--multi_gpu" in cmd
+    with pytest.raises(ValueError, match="num_processes=3 does not divide over num_machines=2"):
+        accelerate_command(3, machine=Machine(num_machines=2, machine_rank=0, main_process_port=29555))
+
+
+def test_a_failed_machine_is_named_with_its_own_error_line(tmp_path):
+    logs = [tmp_path / "train.log", tmp_path / "train.machine1.log"]
+    logs[0].write_text("stopped because machine 1 failed\n")
+    logs[1].write_text("error: rank 1: lost contact with the other processes\nTraceback ...\n")
+    outcome = LaunchOutcome(returncode=4, wall_s=1.0, logs=logs, failed_machine=1)
+    assert outcome.log == logs[1]
+    assert outcome.reason() == "machine 1 exited 4: rank 1: lost contact with the other processes"
+
+
+# ------------------------------------------------------------------ judging and the report, no launch
+
+
+def test_weights_agreement_by_hand():
+    ref = {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(7)}  # the integer counter is not compared
+    found = weights_agreement({"w": torch.tensor([3.0, 4.5]), "n": torch.tensor(9)}, ref)
+    assert found["weights_max_abs_diff"] == pytest.approx(0.5)
+    assert found["weights_rel_l2"] == pytest.approx(0.5 / 5.0)
+    assert found["weights_cosine"] == pytest.approx((9 + 18) / (5 * (9 + 20.25) ** 0.5))
+    with pytest.raises(ValueError, match="different parameters"):
+        weights_agreement({"v": torch.zeros(2)}, ref)
+
+
+def test_loss_agreement_and_verdicts():
+    assert loss_agreement([1.0, 2.0], [1.0, 1.5])["loss_max_abs_diff"] == pytest.approx(0.5)
+    assert loss_agreement([1.0], [1.0, 1.5])["loss_deviation"] is None  # other step counts: not the same data
+    assert verdict("equal", 1e-12, 1e-10, False) == (AGREES, True)
+    assert verdict("equal", 1e-9, 1e-10, False) == (DISAGREES, False)
+    assert verdict("differ", 1e-12, 1e-10, False)[1] and verdict("sweep", 1.0, 1e-10, False)[1]
+
+
+def test_the_report_renders_from_compare_json_alone(tmp_path):
+    result = read_comparison(GOLDEN)
+    write_all(result, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "cost.png").stat().st_size > 0
+    agreement = report.split("## Agreement", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in agreement.splitlines() if line.startswith("| ")}
+    assert "| ddp_accum_2x4 | 2p x mb2 x K=4 | equal |" in rows["ddp_accum_2x4"]
+    assert "DISAGREES" in rows["wrong_lr"] and "differs, as expected" in rows["mean_1x4"]
+    assert f"**{headline(result)}.**" in report
+    assert failure_lines(result) == [
+        f"mode 'wrong_lr' is expected to equal 'full_batch' but its final weights are "
+        f"{result.mode('wrong_lr').agreement.weights_rel_l2:.3e} away (relative L2; tolerance 1e-10)"
+    ]
+    assert "tokens/s" in cost_header(result)  # an LM: tokens are not its samples
+    assert markdown(result) == report
+
+
+# ----------------------------------------------------------------------------------------- one launch
+
+
+@pytest.mark.launch
+def test_sigterm_stops_every_machine_launch(tmp_path):
+    """A scheduler's SIGTERM to compare, mid-mode: every machine's launch and worker is stopped, exit 130."""
+    config = write_compare_config(tmp_path, {"two_machines": MODES["two_machines"]}, COMMON)
+    cmd = [sys.executable, "-m", "launcher.compare", "--config", str(config), "overrides.run.max_steps=100000"]
+    with open(tmp_path / "compare.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), stdout=log, stderr=log)
+    try:
+        metrics = tmp_path / "out" / "modes" / "two_machines" / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 120, "training steps")
+        workers = descendants(proc.pid)
+        assert len(workers) >= 4  # 2 agents and their 2 workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130, (tmp_path / "compare.log").read_text()[-3000:]
+        wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the launches to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "compare interrupted" in (tmp_path / "compare.log").read_text()

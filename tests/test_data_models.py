@@ -9,32 +9,10 @@ import torch
 
 from launcher.config import ModelConfig
 from launcher.models import build_model
-from tests.conftest import read_run, run_ok
-from tests.test_errors import assert_one_clear_line, train_directly
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing loud songs".split()
+from tests.helpers import assert_one_error_line, make_text, read_run, run_ok, save_tiny_pretrained_lm, train_in_process
 
 
-def make_text(i: int, n: int) -> str:
-    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-def save_tiny_pretrained_lm(folder) -> None:
-    """A GPT-2 and a word-level tokenizer built here and saved like a hub checkpoint (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    config = GPT2Config(
-        vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0, eos_token_id=2
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
+@pytest.mark.launch
 def test_csv_classification_under_two_processes(tmp_path):
     csv = tmp_path / "train.csv"
     rows = ["sentence,sentiment"] + [f"{make_text(i, 3 + i % 9)},{'pos' if i % 2 else 'neg'}" for i in range(48)]
@@ -53,12 +31,13 @@ def test_csv_classification_under_two_processes(tmp_path):
         "batch.micro_batch_size=2",
     )
     run = read_run(out)
-    assert run["summary"]["task"] == "cls" and run["summary"]["world_size"] == 2
-    assert run["summary"]["accum_steps"] == 2
+    assert run.summary.task == "cls" and run.summary.world_size == 2
+    assert run.summary.accum_steps == 2
     # Classification counts samples: every step's items equal its samples.
-    assert all(m["items"] == m["samples"] == 8 for m in run["metrics"])
+    assert all(m.items == m.samples == 8 for m in run.metrics)
 
 
+@pytest.mark.launch
 def test_pretrained_local_folder_trains_offline_on_jsonl(tmp_path):
     folder = tmp_path / "tiny-pretrained"
     save_tiny_pretrained_lm(folder)
@@ -76,22 +55,24 @@ def test_pretrained_local_folder_trains_offline_on_jsonl(tmp_path):
         "batch.micro_batch_size=4",
     )
     run = read_run(out)
-    assert run["summary"]["task"] == "lm" and run["summary"]["accum_steps"] == 2
-    assert len(run["metrics"]) == 3
+    assert run.summary.task == "lm" and run.summary.accum_steps == 2
+    assert len(run.metrics) == 3
     # The saved weights are the pretrained architecture's (a 32-wide GPT-2 block), trained.
-    assert run["weights"]["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    assert run.weights["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
 
 
 def test_missing_column_is_a_clear_error(tmp_path):
     csv = tmp_path / "train.csv"
     csv.write_text("review,label\ngood,1\nbad,0\n")
-    proc = train_directly(tmp_path, "model.name=tiny-bert", f"data.name={csv}")
-    assert_one_clear_line(proc, ("data.text_column='text'", "columns: review, label"))
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", "model.name=tiny-bert", f"data.name={csv}")
+    assert code == 2
+    assert_one_error_line(stderr, ("data.text_column='text'", "columns: review, label"))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    proc = train_directly(tmp_path, f"model.name=hf:{tmp_path}/absent")
-    assert_one_clear_line(proc, ("model.name", "absent", "no such folder"))
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", f"model.name=hf:{tmp_path}/absent")
+    assert code == 2
+    assert_one_error_line(stderr, ("model.name", "absent", "no such folder"))
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])

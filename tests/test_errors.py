@@ -1,4 +1,8 @@
-"""Bad input: one clear line naming the key and value, exit code non-zero, no traceback, nothing lost."""
+"""Bad input: one clear line naming the key and value, exit code non-zero, no traceback, nothing lost.
+
+The error paths run the trainer's own ``main()`` in this process; two launches check what only a real
+process shows: the exit code of ``python launcher/train.py``, and the one line under a 2-process launch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import sys
 
 import pytest
 
-from launcher.launch import launch_env
-from tests.conftest import REPO, TINY_LM, TRAIN, launch, run_ok
+from launcher.launch import REPO, launch_env
+from tests.helpers import TINY_LM, TRAIN, assert_one_error_line, launch, train_in_process
 
 CASES = {
     # overrides: words the one error line must contain
@@ -33,25 +37,12 @@ CASES = {
 }
 
 
-def train_directly(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120)
-
-
-def assert_one_clear_line(proc: subprocess.CompletedProcess, words: tuple[str, ...]) -> None:
-    assert proc.returncode > 0, proc.returncode
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gets_one_clear_line(tmp_path, case):
     overrides, words = CASES[case]
-    proc = train_directly(tmp_path, *overrides)
-    assert_one_clear_line(proc, words)
-    assert "Traceback" not in proc.stderr
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", *overrides)
+    assert code == 2
+    assert_one_error_line(stderr, words)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
@@ -73,51 +64,58 @@ def test_bad_data_file_input_gets_one_clear_line(tmp_path, case):
     csv = tmp_path / "train.csv"
     csv.write_text("text,other,label\ngood,x,1\nbad,y,0\n")
     overrides, words = DATA_FILE_CASES[case]
-    proc = train_directly(tmp_path, "model.name=tiny-bert", f"data.name={csv}", *overrides)
-    assert_one_clear_line(proc, words)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    code, stderr = train_in_process(
+        f"run.output_dir={tmp_path / 'out'}", "model.name=tiny-bert", f"data.name={csv}", *overrides
+    )
+    assert code == 2
+    assert_one_error_line(stderr, words)
 
 
 def test_missing_config_file(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, TRAIN, "--config", "configs/runs/nope.yaml"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert_one_clear_line(proc, ("configs/runs/nope.yaml", "no such file"))
-
-
-def test_error_under_a_two_process_launch(tmp_path):
-    # The children print the one line (rank 0 only) and exit non-zero; `accelerate launch` itself
-    # then reports the failed child, which is the launcher's own output, not ours.
-    proc = launch(tmp_path, 2, f"run.output_dir={tmp_path / 'out'}", "optim.lr=-1")
-    assert proc.returncode != 0
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
-    assert lines == ["error: optim.lr=-1.0 is not valid: must be >= 0"]
-    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    code, stderr = train_in_process(config="configs/runs/nope.yaml")
+    assert code == 2
+    assert_one_error_line(stderr, ("configs/runs/nope.yaml", "no such file"))
 
 
 def test_finished_run_is_not_overwritten(tmp_path):
-    out = run_ok(tmp_path, 1, "done", "run.max_steps=2")
+    out = tmp_path / "done"
+    assert train_in_process(f"run.output_dir={out}", "run.max_steps=2")[0] == 0
     # Every file, the final checkpoint's included.
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = train_directly(tmp_path, f"run.output_dir={out}", "run.max_steps=3")
-    assert_one_clear_line(proc, ("run.output_dir", "already holds a run", "run.overwrite=true"))
+    code, stderr = train_in_process(f"run.output_dir={out}", "run.max_steps=3")
+    assert code == 2
+    assert_one_error_line(stderr, ("run.output_dir", "already holds a run", "run.overwrite=true"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_half_set_launch_environment(tmp_path):
+def test_half_set_launch_environment(tmp_path, monkeypatch):
     # WORLD_SIZE without the rest of a launcher's environment: refuse in one line instead of training alone.
-    env = {**launch_env(tmp_path / "tmp"), "WORLD_SIZE": "2"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}")
+    assert code == 2
+    assert_one_error_line(stderr, ("WORLD_SIZE=2", "MASTER_ADDR"))
+
+
+@pytest.mark.launch
+def test_the_process_exits_2_with_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}"],
+        [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", "optim.lr=-1"],
         cwd=REPO,
-        env=env,
+        env=launch_env(tmp_path / "tmp"),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert_one_clear_line(proc, ("WORLD_SIZE=2", "MASTER_ADDR"))
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, ("optim.lr=-1.0", ">= 0"))
+
+
+@pytest.mark.launch
+def test_error_under_a_two_process_launch(tmp_path):
+    # The children print the one line (rank 0 only) and exit non-zero; `accelerate launch` itself
+    # then reports the failed child, which is the launcher's own output, not ours.
+    outcome = launch(tmp_path, 2, f"run.output_dir={tmp_path / 'out'}", "optim.lr=-1")
+    assert outcome.returncode not in (0, None)
+    assert outcome.error_lines() == ["optim.lr=-1.0 is not valid: must be >= 0"]
+    log = outcome.log_text()
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log

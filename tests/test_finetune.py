@@ -3,66 +3,30 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
+import torch
 
-from launcher.config import DataConfig, EvalConfig, load_config
+from launcher.builtin import CLS
+from launcher.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
 from launcher.data import build_datasets, carve, label_ids
 from launcher.evaluate import accuracy, macro_f1
-from launcher.models import CLS, ByteTokenizer, ModelBundle
+from launcher.models import ByteTokenizer, ModelBundle, build_model
 from launcher.tokencache import HIT, MISS, OFF
-from tests.conftest import read_run, rel_l2, run_ok
-from tests.test_errors import assert_one_clear_line, train_directly
+from tests.helpers import (
+    FILLER,
+    SPECIAL,
+    TOPICS,
+    assert_one_error_line,
+    pair_rows,
+    read_run,
+    rel_l2,
+    run_ok,
+    save_tiny_pretrained_bert,
+    train_in_process,
+)
 
-TOPICS = ["apple", "river", "guitar"]
-FILLER = ["the", "a", "big", "small", "old", "new", "red", "blue", "near", "over", "under", "with"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EVAL_ROWS = 37  # not a multiple of 2 processes x eval batch 4: a duplicated or dropped sample would show
-
-
-def pair_rows(n: int, seed: int) -> list[str]:
-    """CSV lines: label "yes" when both sentences name the same topic word, else "no" (a learnable pair task)."""
-    rng = random.Random(seed)
-
-    def sentence(topic: str) -> str:
-        words = rng.sample(FILLER, rng.randint(2, 5))
-        words.insert(rng.randrange(len(words) + 1), topic)
-        return " ".join(words)
-
-    rows = ["sentence1,sentence2,label"]
-    for _ in range(n):
-        first = rng.choice(TOPICS)
-        same = rng.random() < 0.5
-        second = first if same else rng.choice([t for t in TOPICS if t != first])
-        rows.append(f"{sentence(first)},{sentence(second)},{'yes' if same else 'no'}")
-    return rows
-
-
-def save_tiny_pretrained_bert(folder) -> None:
-    """A 2-layer BERT classifier and a word-piece tokenizer over the CSV's words, saved like a hub checkpoint."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    torch.manual_seed(0)  # the same "pretrained" weights in every session
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + TOPICS + FILLER) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(vocab))
-    config = BertConfig(
-        vocab_size=len(SPECIAL) + len(TOPICS) + len(FILLER),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        pad_token_id=0,
-        architectures=["BertForSequenceClassification"],
-    )
-    config._attn_implementation = "eager"
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -95,40 +59,43 @@ def finetuned(tmp_path_factory):
     return one, two
 
 
+@pytest.mark.launch
 def test_eval_counts_every_sample_once(finetuned):
     for run in finetuned:
-        result = run["summary"]["eval"]
+        result = run.summary.eval
         assert result["num_samples"] == EVAL_ROWS
         assert 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
         assert result["step"] == 5 and result["loss"] > 0
-        assert run["summary"]["data"]["train_samples"] == 120 and run["summary"]["data"]["eval_samples"] == EVAL_ROWS
-        assert run["summary"]["data"]["label_names"] == ["no", "yes"]
+        assert run.summary.data.train_samples == 120 and run.summary.data.eval_samples == EVAL_ROWS
+        assert run.summary.data.label_names == ["no", "yes"]
         # every_steps=0: evaluated after the last step only, on that step's metrics line.
-        assert [m["step"] for m in run["metrics"] if "eval" in m] == [5]
-        assert run["metrics"][-1]["eval"] == result
+        assert [m.step for m in run.metrics if m.eval] == [5]
+        assert run.metrics[-1].eval == result
 
 
+@pytest.mark.launch
 def test_one_and_two_processes_agree(finetuned):
     one, two = finetuned
-    assert (one["summary"]["accum_steps"], two["summary"]["accum_steps"]) == (4, 2)
-    assert one["summary"]["eval"]["accuracy"] == two["summary"]["eval"]["accuracy"]
-    assert one["summary"]["eval"]["loss"] == pytest.approx(two["summary"]["eval"]["loss"], rel=1e-9)
-    assert rel_l2(two["weights"], one["weights"]) < 1e-10
+    assert (one.summary.accum_steps, two.summary.accum_steps) == (4, 2)
+    assert one.summary.eval["accuracy"] == two.summary.eval["accuracy"]
+    assert one.summary.eval["loss"] == pytest.approx(two.summary.eval["loss"], rel=1e-9)
+    assert rel_l2(two.weights, one.weights) < 1e-10
 
 
+@pytest.mark.launch
 def test_second_run_hits_the_tokenization_cache(finetuned):
     one, two = finetuned
-    assert one["summary"]["data"]["tokenized_cache"] == MISS
-    assert two["summary"]["data"]["tokenized_cache"] == HIT
+    assert one.summary.data.tokenized_cache == MISS
+    assert two.summary.data.tokenized_cache == HIT
 
 
 def test_unknown_architecture_is_one_line(tmp_path):
     folder = tmp_path / "strange"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "architectures": ["NoSuch"]}))
-    proc = train_directly(tmp_path, f"model.name=hf:{folder}")
-    assert proc.returncode == 2
-    assert_one_clear_line(proc, ("model.name=", "strange", "'no-such-arch'", "does not know"))
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", f"model.name=hf:{folder}")
+    assert code == 2
+    assert_one_error_line(stderr, ("model.name=", "strange", "'no-such-arch'", "does not know"))
 
 
 def test_mrpc_template_loads_and_validates():
@@ -169,11 +136,6 @@ def test_byte_tokenizer_pair_encoding():
 
 
 def test_hf_pair_encoding_carries_segment_ids(tmp_path):
-    import torch
-
-    from launcher.config import ModelConfig
-    from launcher.models import build_model
-
     save_tiny_pretrained_bert(tmp_path / "bert")
     bundle = build_model(ModelConfig(name=f"hf:{tmp_path / 'bert'}"), 64, torch.float32)
     encoded = bundle.encode(["the apple", "a river"], ["old apple", "red castle near"], 7)
@@ -237,8 +199,6 @@ def test_changed_file_misses_the_cache(tmp_path):
     ],
 )
 def test_eval_source_errors(tmp_path, data_name, evaluation, words):
-    from launcher.config import ConfigError
-
     if data_name == "file":
         data_name = str(tmp_path / "t.csv")
         (tmp_path / "t.csv").write_text("text,label\nab,0\n")

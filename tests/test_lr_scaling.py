@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launcher.batching import resolve_max_steps
-from launcher.compare import ModeOutcome, judge, load_compare_config, plan_modes
+from launcher.compare.config import load_compare_config
+from launcher.compare.judge import judge
+from launcher.compare.modes import plan_modes
+from launcher.compare.results import NOT_COMPARABLE, REFERENCE, SWEPT
 from launcher.config import ConfigError, OptimConfig
-from launcher.launch import REPO, launch_env
+from launcher.launch import REPO, LaunchOutcome
 from launcher.lr import lr_at, resolve_optim
-from tests.conftest import TRAIN, run_ok
-from tests.test_finetune import pair_rows, save_tiny_pretrained_bert
+from launcher.plan import steps_for_epochs
+from tests.helpers import (
+    assert_one_error_line,
+    compared,
+    pair_rows,
+    run_ok,
+    save_tiny_pretrained_bert,
+    train_in_process,
+)
 
 LR_SCALING = "configs/compare/lr_scaling.yaml"
 MAX_EPOCHS = 1.5
@@ -88,18 +95,12 @@ def test_warmup_and_schedule_shape_the_resolved_peak():
 
 
 def test_max_epochs_rounds_up_to_whole_steps():
-    assert resolve_max_steps(20, 0.0, 7) == 20  # off: run.max_steps decides
-    assert resolve_max_steps(20, 2.0, 7) == 14
-    assert resolve_max_steps(20, 1.5, 7) == 11  # 10.5 steps: the half step is trained, not dropped
-    assert resolve_max_steps(20, 0.3, 10) == 3  # 0.3 x 10 = 3.0000000000000004 in floating point
+    assert steps_for_epochs(2.0, 7) == 14
+    assert steps_for_epochs(1.5, 7) == 11  # 10.5 steps: the half step is trained, not dropped
+    assert steps_for_epochs(0.3, 10) == 3  # 0.3 x 10 = 3.0000000000000004 in floating point
 
 
 # ------------------------------------------------------------------------------ the sweep, end to end
-
-
-def compare(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.compare", "--config", LR_SCALING, *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(folder / "tmp"), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -125,29 +126,23 @@ def sweep(tmp_path_factory):
         f"output_dir={folder / 'out'}",
         f"overrides.run.max_epochs={MAX_EPOCHS}",
     ]
-    proc = compare(folder, *overrides)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    result = json.loads((folder / "out" / "compare.json").read_text())
-    return {
-        "out": folder / "out",
-        "overrides": overrides,
-        "result": result,
-        "modes": {m["name"]: m for m in result["modes"]},
-        "config": yaml.safe_load((REPO / LR_SCALING).read_text()),
-    }
+    found = compared(folder, LR_SCALING, *overrides)
+    return {**found, "overrides": overrides, "config": yaml.safe_load((REPO / LR_SCALING).read_text())}
 
 
+@pytest.mark.launch
 def test_every_mode_is_reported_and_none_fails(sweep):
     assert list(sweep["modes"]) == list(sweep["config"]["modes"])
     for name, mode in sweep["modes"].items():
-        assert mode["status"] == "ok", (name, mode.get("error"))
-        assert mode["verdict"] == ("reference" if name == "batch20_lr_base" else "swept")
+        assert mode.status == "ok", (name, mode.error)
+        assert mode.verdict == (REFERENCE if name == "batch20_lr_base" else SWEPT)
         # eval.fraction=0.2 of the 120 rows, scored after the last step of every mode
-        assert mode["eval"]["num_samples"] == NUM_SAMPLES // 5 and 0 <= mode["eval"]["macro_f1"] <= 1, name
-        assert mode["eval"]["step"] == mode["max_steps"]
-    assert sweep["result"]["ok"] and sweep["result"]["failed"] == []
+        assert mode.eval["num_samples"] == NUM_SAMPLES // 5 and 0 <= mode.eval["macro_f1"] <= 1, name
+        assert mode.eval["step"] == mode.max_steps
+    assert sweep["result"].ok and sweep["result"].failed == []
 
 
+@pytest.mark.launch
 def test_lr_resolved_follows_the_rule(sweep):
     base_lr = float(sweep["config"]["overrides"]["optim.lr"])
     expected = {
@@ -159,31 +154,33 @@ def test_lr_resolved_follows_the_rule(sweep):
     }
     for name, lr in expected.items():
         mode = sweep["modes"][name]
-        assert mode["lr_resolved"] == pytest.approx(lr, rel=1e-12), name
-        summary = json.loads((Path(mode["run_dir"]) / "summary.json").read_text())
-        assert summary["optim"]["lr_resolved"] == mode["lr_resolved"]
+        assert mode.lr_resolved == pytest.approx(lr, rel=1e-12), name
+        summary = json.loads((Path(mode.run_dir) / "summary.json").read_text())
+        assert summary["optim"]["lr_resolved"] == mode.lr_resolved
         # The rate actually applied: no warmup and a constant schedule, so every step at the resolved peak.
-        lrs = [json.loads(line)["lr"] for line in (Path(mode["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        lrs = [json.loads(line)["lr"] for line in (Path(mode.run_dir) / "metrics.jsonl").read_text().splitlines()]
         assert lrs == pytest.approx([lr] * len(lrs), rel=1e-12), name
 
 
+@pytest.mark.launch
 def test_steps_follow_epochs_and_global_batch(sweep):
     for name, mode in sweep["modes"].items():
-        summary = json.loads((Path(mode["run_dir"]) / "summary.json").read_text())
-        batch, train_samples = mode["plan"]["global_batch_size"], summary["data"]["train_samples"]
-        assert mode["max_steps"] == math.ceil(MAX_EPOCHS * math.ceil(train_samples / batch)), name
-        assert len(mode["losses"]) == mode["max_steps"] == summary["steps"]
-        assert mode["epochs"] == pytest.approx(summary["totals"]["samples"] / train_samples)
-        assert MAX_EPOCHS <= mode["epochs"] < MAX_EPOCHS + batch / train_samples
-        config = yaml.safe_load((Path(mode["run_dir"]) / "config.yaml").read_text())
-        assert config["run"]["max_steps"] == mode["max_steps"]  # the resolved value is what the run records
+        summary = json.loads((Path(mode.run_dir) / "summary.json").read_text())
+        batch, train_samples = mode.plan.global_batch_size, summary["data"]["train_samples"]
+        assert mode.max_steps == math.ceil(MAX_EPOCHS * math.ceil(train_samples / batch)), name
+        assert len(mode.losses) == mode.max_steps == summary["steps"]
+        assert mode.epochs == pytest.approx(summary["totals"]["samples"] / train_samples)
+        assert MAX_EPOCHS <= mode.epochs < MAX_EPOCHS + batch / train_samples
+        config = yaml.safe_load((Path(mode.run_dir) / "config.yaml").read_text())
+        assert config["run"]["max_steps"] == mode.max_steps  # the resolved value is what the run records
     # Other global batches, other step counts: the weights are still compared, the per-step losses are not.
     linear = sweep["modes"]["accum10x6_linear"]
-    assert linear["max_steps"] < sweep["modes"]["batch20_lr_base"]["max_steps"]
-    assert linear["agreement"]["weights_rel_l2"] > 0 and linear["agreement"]["loss_max_abs_diff"] is None
-    assert sweep["modes"]["accum10x2_lr_base"]["agreement"]["loss_max_abs_diff"] is not None
+    assert linear.max_steps < sweep["modes"]["batch20_lr_base"].max_steps
+    assert linear.agreement.weights_rel_l2 > 0 and linear.agreement.loss_max_abs_diff is None
+    assert sweep["modes"]["accum10x2_lr_base"].agreement.loss_max_abs_diff is not None
 
 
+@pytest.mark.launch
 def test_report_has_the_evaluation_table(sweep):
     report = (sweep["out"] / "report.md").read_text()
     section = report.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
@@ -196,20 +193,21 @@ def test_report_has_the_evaluation_table(sweep):
     assert "(linear x3)" in section and "(sqrt x1.73)" in section
 
 
+@pytest.mark.launch
 def test_an_equal_mode_with_other_steps_is_not_comparable(sweep):
     # Judge the same finished runs again (no launch), with the linear mode expected to be equal.
     cfg = load_compare_config(REPO / LR_SCALING, [*sweep["overrides"], "modes.accum10x6_linear.expect=equal"])
     planned = plan_modes(cfg)
-    outcomes = {pm.name: ModeOutcome(0, 0.0, [pm.run_dir / "train.log"]) for pm in planned}
-    result = judge(cfg, planned, outcomes, [])
-    linear = next(m for m in result["modes"] if m["name"] == "accum10x6_linear")
-    assert linear["verdict"] == "not comparable" and not linear["ok"] and not result["ok"]
-    assert "optimizer steps vs" in linear["error"]
+    outcomes = {pm.name: LaunchOutcome(0, 0.0, [pm.run_dir / "train.log"]) for pm in planned}
+    linear = judge(cfg, planned, outcomes, []).mode("accum10x6_linear")
+    assert linear.verdict == NOT_COMPARABLE and not linear.ok
+    assert "optimizer steps vs" in linear.error
 
 
 # ---------------------------------------------------------------------------------------- trackers
 
 
+@pytest.mark.launch
 def test_tensorboard_gets_every_step_across_a_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -239,13 +237,6 @@ def test_tensorboard_gets_every_step_across_a_resume(tmp_path):
     assert {"lr", "grad_norm", "step_time_s"} <= set(events.Tags()["scalars"])
 
 
-def train_directly(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, TRAIN, "--config", "configs/runs/tiny_cls.yaml", f"run.output_dir={tmp_path / 'out'}"]
-    return subprocess.run(
-        [*cmd, *overrides], cwd=REPO, env=launch_env(tmp_path / "tmp"), capture_output=True, text=True, timeout=120
-    )
-
-
 def missing_tracker() -> str:
     from accelerate.tracking import get_available_trackers
 
@@ -266,11 +257,9 @@ def missing_tracker() -> str:
 )
 def test_tracker_errors_are_one_line(tmp_path, log_with, words):
     log_with = log_with or missing_tracker()
-    proc = train_directly(tmp_path, f"run.log_with={log_with}")
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for word in [*words, log_with]:
-        assert word in errors[0], errors[0]
+    code, stderr = train_in_process(
+        f"run.output_dir={tmp_path / 'out'}", f"run.log_with={log_with}", config="configs/runs/tiny_cls.yaml"
+    )
+    assert code == 2, stderr
+    assert_one_error_line(stderr, [*words, log_with])
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

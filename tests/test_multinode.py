@@ -1,29 +1,28 @@
 """Two machines on one host: network namespaces joined by a veth pair, one `accelerate launch` each.
 
 Machine 0 is 10.77.0.1 and machine 1 is 10.77.0.2, addresses that exist only inside the test's own
-namespaces; gloo is pinned to the veth by GLOO_SOCKET_IFNAME (DESIGN.md trap 9). Each machine runs
-one process, so the job has the same world size as the 1-machine, 2-process reference.
+namespaces; gloo is pinned to the veth by GLOO_SOCKET_IFNAME (gloo otherwise takes the address of the
+hostname, which need not be on the link). Each machine runs one process, so the job has the same world
+size as the 1-machine, 2-process reference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from launcher.launch import REPO, launch_env
-from tests.conftest import TINY_LM, TRAIN, read_run, rel_l2, run_ok
-from tests.test_errors import assert_one_clear_line
+from tests.helpers import TINY_LM, TRAIN, assert_one_error_line, read_run, rel_l2, run_ok, train_in_process
+from tests.netns import ADDRS, Host, ip, on_host
 
-ADDRS = ("10.77.0.1", "10.77.0.2")
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 PORT = 29555  # free by construction: the namespaces are new
@@ -39,70 +38,6 @@ EQUIVALENCE = (
     "batch.micro_batch_size=4",
     "batch.accum_steps=null",
 )
-
-
-@dataclass
-class Host:
-    netns: str
-    dev: str
-    addr: str
-    hostname: str
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    """Two namespaces joined by a veth pair; always removed, even when the test fails."""
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("network namespaces need root, iproute2's `ip` and util-linux's `unshare`")
-    tag = f"mn{os.getpid() % 100000}"  # unique per test process: other sessions may run the same test
-    pair = [Host(f"{tag}h{i}", f"{tag}v{i}", addr, f"node{i}") for i, addr in enumerate(ADDRS)]
-    created: list[str] = []
-    try:
-        for host in pair:
-            try:
-                ip("netns", "add", host.netns)
-            except subprocess.CalledProcessError as err:
-                pytest.skip(f"cannot create a network namespace: {err.stderr.strip()}")
-            created.append(host.netns)
-            # `ip netns exec` mounts these over /etc. Each machine's hostname resolves to its own
-            # address (c10d rendezvous hands it to the other machines), and no DNS server is asked:
-            # none is reachable from inside, and waiting for one costs seconds per connection.
-            etc = Path("/etc/netns") / host.netns
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "resolv.conf").write_text("options timeout:1 attempts:1\n")
-            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{h.addr} {h.hostname}\n" for h in pair))
-        ip("link", "add", pair[0].dev, "type", "veth", "peer", "name", pair[1].dev)
-        for host in pair:
-            ip("link", "set", host.dev, "netns", host.netns)
-            ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.dev)
-            ip("-n", host.netns, "link", "set", host.dev, "up")
-            ip("-n", host.netns, "link", "set", "lo", "up")
-        yield pair
-    finally:
-        for netns in created:  # deleting a namespace deletes its end of the veth, and so the pair
-            subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
-            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
-
-
-def on_host(host: Host, cmd: list[str]) -> list[str]:
-    """``cmd`` inside ``host``'s network namespace, under its own hostname (a UTS namespace)."""
-    return [
-        "ip",
-        "netns",
-        "exec",
-        host.netns,
-        "unshare",
-        "--uts",
-        "sh",
-        "-c",
-        f'hostname {host.hostname} && exec "$@"',
-        "sh",
-        *cmd,
-    ]
 
 
 def accelerate_launch(rank: int, rdzv: str) -> list[str]:
@@ -177,6 +112,7 @@ def one_machine(tmp_path_factory) -> dict:
     return read_run(run_ok(root, 2, "one_machine", *EQUIVALENCE))
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
 def test_two_machines_match_one_machine(tmp_path, hosts, one_machine, rdzv):
     out = tmp_path / "two_machines"
@@ -192,13 +128,14 @@ def test_two_machines_match_one_machine(tmp_path, hosts, one_machine, rdzv):
     print(f"two-machine run ({rdzv}): {elapsed:.1f} s")
 
     two = read_run(out)
-    assert two["summary"]["world_size"] == 2 and two["summary"]["backend"] == "gloo"
-    distance = rel_l2(two["weights"], one_machine["weights"])
+    assert two.summary.world_size == 2 and two.summary.backend == "gloo"
+    distance = rel_l2(two.weights, one_machine.weights)
     assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 machine"
 
 
+@pytest.mark.launch
 def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
-    timeout_s = 20
+    timeout_s = 8
     out = tmp_path / "cut"
     # Through the image's entrypoint: NNODES/NODE_RANK/MASTER_* from the environment, its preflight.
     # Static rendezvous: under c10d the workers fail as fast with the same line, but torchrun's agents
@@ -238,12 +175,18 @@ def test_cut_link_fails_within_the_collective_timeout(tmp_path, hosts):
 # The preflight: each mistake is one line and a non-zero exit, before any process group forms.
 
 
-def preflight(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """`python -m launcher.preflight` as a node script runs it, before `accelerate launch`."""
-    full = {**launch_env(tmp_path / "tmp"), "PREFLIGHT_TIMEOUT_S": "1", **env}
-    return subprocess.run(
-        [sys.executable, "-m", "launcher.preflight"], cwd=REPO, env=full, capture_output=True, text=True, timeout=60
-    )
+def preflight(monkeypatch, **env: str) -> tuple[int, str]:
+    """`python -m launcher.preflight`'s main() as a node script runs it, before `accelerate launch`."""
+    from launcher import preflight as module
+
+    for key in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"PREFLIGHT_TIMEOUT_S": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = module.main()
+    return code, stderr.getvalue()
 
 
 def closed_port() -> int:
@@ -265,23 +208,25 @@ def closed_port() -> int:
     ],
     ids=["gloo_ifname", "nccl_ifname", "machine_rank", "unreachable"],
 )
-def test_preflight_names_the_problem(tmp_path, env, words):
+def test_preflight_names_the_problem(monkeypatch, env, words):
     port = str(closed_port())
-    proc = preflight(tmp_path, **{k: v.replace("CLOSED", port) for k, v in env.items()})
-    assert_one_clear_line(proc, tuple(w.replace("CLOSED", port) for w in words))
+    code, stderr = preflight(monkeypatch, **{k: v.replace("CLOSED", port) for k, v in env.items()})
+    assert code == 2
+    assert_one_error_line(stderr, tuple(w.replace("CLOSED", port) for w in words))
 
 
-def test_preflight_reports_a_taken_port_on_machine_0(tmp_path):
+def test_preflight_reports_a_taken_port_on_machine_0(monkeypatch):
     with socket.socket() as taken:
         taken.bind(("", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        proc = preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    assert_one_clear_line(proc, (f"MASTER_PORT={port} is taken",))
+        code, stderr = preflight(monkeypatch, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    assert code == 2
+    assert_one_error_line(stderr, (f"MASTER_PORT={port} is taken",))
 
 
-def test_preflight_passes_a_good_launch(tmp_path):
-    assert preflight(tmp_path, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port())).returncode == 0
+def test_preflight_passes_a_good_launch(monkeypatch):
+    assert preflight(monkeypatch, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port()))[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -292,9 +237,9 @@ def test_preflight_passes_a_good_launch(tmp_path):
     ],
     ids=["world_size", "ifname"],
 )
-def test_trainer_runs_the_preflight(tmp_path, override, env, words):
-    cmd = [sys.executable, TRAIN, "--config", TINY_LM, f"run.output_dir={tmp_path / 'out'}", override]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env={**launch_env(tmp_path / "tmp"), **env}, capture_output=True, text=True, timeout=120
-    )
-    assert_one_clear_line(proc, words)
+def test_trainer_runs_the_preflight(tmp_path, monkeypatch, override, env, words):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", override)
+    assert code == 2
+    assert_one_error_line(stderr, words)

@@ -2,13 +2,13 @@
 
 A fake `scontrol` lists the allocation's hosts, a fake `srun` runs its command once per node with
 that node's Slurm variables (as Slurm does with one task per node), and the fake `accelerate` from
-tests/test_docker.py prints each node's argv.
+tests/scripts.py prints each node's argv.
 """
 
 from __future__ import annotations
 
-from tests.conftest import REPO
-from tests.test_docker import launches, multi_node_argv, run_script, write_exe
+from launcher.launch import REPO
+from tests.scripts import launches, multi_node_argv, run_script, write_exe
 
 NODES = ("gpu-a017", "gpu-a018")
 FAKE_SCONTROL = f"""#!/usr/bin/env bash

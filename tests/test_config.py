@@ -1,11 +1,15 @@
-"""The pure parts: batch arithmetic, the split-independent sample order, config parsing."""
+"""The pure parts: batch arithmetic, the split-independent sample order, config parsing, the run plan."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids, plan_batch
 from launcher.config import ConfigError, load_config
+from launcher.plan import make_plan
+from tests.helpers import TINY_LM
 
 
 @pytest.mark.parametrize(
@@ -87,3 +91,34 @@ def test_config_errors_are_one_line(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [*extra, override])
     assert words in str(err.value)
+
+
+def test_plan_resolves_the_steps_once_the_data_is_known():
+    cfg = load_config(None, ["batch.global_batch_size=8", "batch.micro_batch_size=2", "run.max_epochs=1.5"])
+    plan = make_plan(cfg, world_size=2)
+    assert (plan.batch.accum_steps, plan.max_steps) == (2, None)
+    resolved = plan.with_train_samples(40)  # 5 steps per epoch
+    assert (resolved.steps_per_epoch, resolved.max_steps, resolved.train_samples) == (5, 8, 40)
+    assert make_plan(load_config(None, ["batch.global_batch_size=8", "batch.micro_batch_size=2"]), 1).max_steps == 20
+
+
+def test_a_config_is_frozen_once_built():
+    cfg = load_config(None, ["batch.global_batch_size=8", "batch.micro_batch_size=2"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run.max_steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("run.keep_checkpoints=0", ("run.keep_checkpoints", ">= 1")),
+        ("run.checkpoint_every=-1", ("run.checkpoint_every", ">= 0")),
+        ("run.on_nonfinite=ignore", ("run.on_nonfinite", "skip, stop")),
+        ("run.max_consecutive_nonfinite=0", ("run.max_consecutive_nonfinite", ">= 1")),
+    ],
+)
+def test_checkpoint_keys_are_validated(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_LM, [override])
+    for word in words:
+        assert word in str(err.value)

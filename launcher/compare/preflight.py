@@ -1,0 +1,126 @@
+"""Preflight: warnings (never refusals) about what will break equivalence in a mode, before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from transformers import AutoModel
+
+from launcher.batchnorm import convert_sync_batchnorm, samples_per_statistic
+from launcher.builtin import BATCH_NORM_MODELS, BUILTIN_TASKS, SYNTHETIC_TASKS
+from launcher.compare.config import EQUAL
+from launcher.compare.modes import PlannedMode
+from launcher.config import Config, flatten
+from launcher.models import build_model, pretrained_config
+
+# Keys a mode may change and still be expected to train the same model: how the global batch is split,
+# how often it syncs (SyncBatchNorm changes how BatchNorm's statistics are computed over the split, not the
+# model), and where it writes. Anything else that differs from the reference is flagged.
+SPLIT_KEYS = frozenset(
+    {
+        "batch.micro_batch_size",
+        "batch.accum_steps",
+        "batch.sync",
+        "model.sync_batchnorm",
+        "run.output_dir",
+        "run.overwrite",
+        "run.log_every_steps",
+        "run.expected_world_size",
+    }
+)
+
+
+def known_task(train: Config) -> str | None:
+    """lm / cls when the config says so without loading anything; None when only the model knows."""
+    if train.model.task != "auto":
+        return train.model.task
+    return BUILTIN_TASKS.get(train.model.name) or SYNTHETIC_TASKS.get(train.data.name)
+
+
+def batch_norm_layers(model: Any) -> list[str]:
+    """Types of the BatchNorm layers (SyncBatchNorm included) among ``model``'s modules."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)})
+
+
+def model_batch_norm(train: Config) -> list[str]:
+    """BatchNorm layers of the model a mode's config names, without loading weights, as its launch will train
+    them: synced when model.sync_batchnorm is set and the mode has more than one process (plan_modes sets
+    run.expected_world_size to the mode's process count)."""
+    if train.model.name in BUILTIN_TASKS and train.model.name not in BATCH_NORM_MODELS:
+        # The built-in tiny GPT-2 and BERT normalize with LayerNorm only; building one just to look would
+        # cost the comparison seconds of transformers import before the first launch.
+        return []
+    with torch.device("meta"):  # the module tree without memory or a weights download
+        if train.model.name in BUILTIN_TASKS:
+            model = build_model(train.model, train.data.seq_len, torch.float32).model
+        else:
+            model = AutoModel.from_config(pretrained_config(train.model.name))
+    if train.model.sync_batchnorm and train.run.expected_world_size > 1:
+        model = convert_sync_batchnorm(model, cuda=torch.cuda.is_available())
+    return batch_norm_layers(model)
+
+
+def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]) -> list[str]:
+    train, why = pm.train, []
+    if train.model.dropout > 0:
+        why.append(f"model.dropout={train.model.dropout} > 0: each split draws different dropout masks")
+    if train.precision != "no":
+        why.append(f"precision={train.precision}: low-precision rounding differs with the micro-batch split")
+    if train.batch.loss_normalization == "mean":
+        # A classifier's items are samples, equal per micro-batch but in an epoch's short last window; an LM's
+        # are tokens, which vary with every sequence length (and an hf: model of unknown task may be an LM).
+        # num_samples=0 takes every row of a file: the window sizes are unknown until it is read.
+        global_batch = pm.plan.batch.global_batch_size
+        short_window = train.data.num_samples == 0 or train.data.num_samples % global_batch != 0
+        if known_task(train) != "cls":
+            why.append(
+                "batch.loss_normalization=mean with variable lengths: a mean per micro-batch weighs tokens "
+                "unequally when micro-batches hold different token counts"
+            )
+        elif short_window:
+            why.append("batch.loss_normalization=mean: the short last window of an epoch is averaged per micro-batch")
+    if bn_layers and pm is not reference:
+        ours, theirs = (
+            samples_per_statistic(p.plan.batch.micro_batch_size, p.plan.batch.world_size, p.train.model.sync_batchnorm)
+            for p in (pm, reference)
+        )
+        if ours != theirs:
+            why.append(
+                f"BatchNorm ({', '.join(bn_layers)}): statistics over {ours} samples per micro-step, the "
+                f"reference's over {theirs}: normalization changes with the split"
+            )
+    if pm.mode.expect == EQUAL and pm is not reference:
+        theirs, ours = flatten(reference.train.to_dict()), flatten(train.to_dict())
+        changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if k not in SPLIT_KEYS and ours[k] != theirs[k]]
+        if changed:
+            why.append(f"changes more than the split vs reference {reference.name!r} ({'; '.join(changed)})")
+    if pm.plan.batch.world_size > (os.cpu_count() or 1):
+        why.append(f"{pm.plan.batch.world_size} processes on {os.cpu_count()} cores: timings are oversubscribed")
+    return why
+
+
+def preflight(planned: list[PlannedMode], reference: PlannedMode) -> list[str]:
+    """Warnings about what will break equivalence, one line per cause, naming the modes."""
+    bn_cache: dict[str, list[str]] = {}
+    by_cause: dict[str, list[str]] = {}
+    for pm in planned:
+        key = json.dumps([dataclasses.asdict(pm.train.model), pm.train.data.seq_len, pm.plan.batch.world_size])
+        if key not in bn_cache:
+            try:
+                bn_cache[key] = model_batch_norm(pm.train)
+            except Exception as err:  # inspection is best effort: a model that cannot load fails its run, reported
+                cause = f"could not inspect the model for BatchNorm ({type(err).__name__})"
+                by_cause.setdefault(cause, []).append(pm.name)
+                bn_cache[key] = []
+        for cause in _mode_warnings(pm, reference, bn_cache[key]):
+            by_cause.setdefault(cause, []).append(pm.name)
+    everyone = len(planned)
+    return [
+        f"{'all modes' if len(names) == everyone and everyone > 1 else ', '.join(names)}: {cause}"
+        for cause, names in by_cause.items()
+    ]

@@ -1,0 +1,118 @@
+"""report.md: the comparison's tables, findings and plots, readable on its own."""
+
+from __future__ import annotations
+
+from launcher.compare.report.tables import (
+    AGREEMENT_HEADER,
+    BATCH_NORM_HEADER,
+    agreement_rows,
+    batch_norm_rows,
+    cost_header,
+    cost_rows,
+    eval_header,
+    eval_note,
+    eval_rows,
+    findings,
+    headline,
+)
+from launcher.compare.results import Comparison
+
+BATCH_NORM_WHY = (
+    "BatchNorm normalizes each forward with the mean and variance of that forward's samples, so a mode whose "
+    "statistics cover fewer samples than the reference's trains another function, whatever the loss scaling: "
+    "accumulation runs K separate forwards, and nothing done to the loss merges their statistics. SyncBatchNorm "
+    "all-reduces the statistics over the ranks of one micro-step (processes x micro batch samples): that recovers "
+    "the big batch for DDP without accumulation, but not across the micro-steps of a window, which are separate "
+    "forwards in time. The running statistics (compared with the weights; used in eval) follow the same split, "
+    "and under DDP with plain BatchNorm they are rank 0's alone (DDP broadcasts rank 0's buffers)."
+)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"  # "|Δ|" must not split a cell
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *[line(row) for row in rows]])
+
+
+def batch_norm_section(result: Comparison) -> list[str]:
+    """report.md's BatchNorm section, when any mode's model had BatchNorm layers."""
+    rows = batch_norm_rows(result)
+    if not rows:
+        return []
+    parts = [
+        "## BatchNorm",
+        "",
+        BATCH_NORM_WHY,
+        "",
+        "Per mode: the BatchNorm layers, the samples each statistic is taken over (micro batch, times the "
+        "processes when synced) against the reference's, and the measured drift from the reference: the relative "
+        "L2 distance of all floating-point tensors (the one judged), of the trained parameters alone (without the "
+        "running statistics), and the largest per-step loss difference.",
+        "",
+        md_table(BATCH_NORM_HEADER, rows),
+        "",
+    ]
+    if any(m.batch_norm["sync"] for m in result.modes if m.batch_norm):
+        parts += [
+            "SyncBatchNorm's own all-reduces (per layer and micro-step, one in forward and one in backward) are "
+            "not in the cost table's all-reduce columns, which count gradient buckets; they show in the step time.",
+            "",
+        ]
+    return parts
+
+
+def markdown(result: Comparison) -> str:
+    tol = result.tolerance
+    batches = {m.plan.global_batch_size for m in result.modes}
+    steps = {len(m.losses) for m in result.modes if m.losses}
+    batch_text = f"global batch {batches.pop()} samples/step" if len(batches) == 1 else "global batch per mode"
+    steps_text = f"{steps.pop()} optimizer steps" if len(steps) == 1 else "optimizer steps per mode"
+    parts = [
+        "# Comparison: accumulation, DDP and both",
+        "",
+        f"Base config `{result.base}`, {batch_text}, {steps_text}, reference mode `{result.reference}`. "
+        f"A mode expected `equal` agrees when the relative L2 distance of its final weights to the reference's "
+        f"is within {tol['float64']:.0e} (float64) or {tol['float32']:.0e} (float32, a multiple of the measured "
+        "floor).",
+        "",
+        f"**{headline(result)}.**",
+        "",
+        *[f"- {line}" for line in findings(result)],
+        "",
+    ]
+    if result.warnings:
+        parts += ["## Preflight warnings", "", *[f"- {w}" for w in result.warnings], ""]
+    parts += ["## Evaluation", "", eval_note(result), "", md_table(eval_header(result), eval_rows(result)), ""]
+    parts += [
+        "## Agreement",
+        "",
+        "Read from each run's `model.safetensors` and `metrics.jsonl`: the largest per-step difference of the "
+        "logged loss (between runs with the same number of optimizer steps only), and the final weights' largest "
+        "absolute difference, relative L2 distance (||w - w_ref|| / ||w_ref||) and cosine similarity. Launch: "
+        "processes (p) x micro batch per process (mb) x accumulation steps (K).",
+        "",
+        md_table(AGREEMENT_HEADER, agreement_rows(result)),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        *batch_norm_section(result),
+        "## Cost",
+        "",
+        "From each run's `summary.json`: median optimizer-step time and its ratio to the reference, throughput, "
+        "gradient sync rounds and all-reduce bytes per optimizer step (counted where the collectives are called), "
+        "the largest peak memory over the processes, time in training steps, and the launch's wall time (process "
+        "start, imports and process group included).",
+        "",
+        md_table(cost_header(result), cost_rows(result)),
+        "",
+        "![cost](cost.png)",
+        "",
+    ]
+    for m in result.modes:
+        if m.failed:
+            parts += [f"## Mode `{m.name}` failed: {m.error or ''}", "", f"Log: `{m.log}`", "", "```"]
+            parts += [*m.log_tail, "```", ""]
+    if result.versions:
+        parts += ["Versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()), ""]
+    return "\n".join(parts)

@@ -1,0 +1,71 @@
+"""The comparison's plots: loss curves with each mode's deviation from the reference, and cost by mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training node
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from launcher.compare.report.tables import MIB  # noqa: E402
+from launcher.compare.results import Comparison  # noqa: E402
+
+ZERO_FLOOR = 1e-17  # a log axis cannot show 0: exact agreement is drawn here, and the legend says so
+
+
+def plot_loss_curves(result: Comparison, path: Path) -> None:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 2))
+    for i, m in enumerate(result.modes):
+        if not m.losses:
+            continue
+        # x = samples seen, not the step index: modes with other global batches (a sweep) take other numbers
+        # of steps for the same data, and line up only by what they have trained on. At one global batch this
+        # is the step index times the batch, the same curve.
+        seen = m.samples_seen
+        # One color per mode in both panels; baselines dashed.
+        style = {"color": f"C{i}", "linestyle": "--" if m.baseline else "-"}
+        top.plot(seen, m.losses, label=f"{m.name} ({m.expect})", alpha=0.85, **style)
+        deviation = m.agreement.loss_deviation if m.agreement else None
+        if deviation and not m.is_reference:
+            bottom.plot(seen, [max(abs(d), ZERO_FLOOR) for d in deviation], marker=".", label=m.name, **style)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_ylabel("loss")
+    top.set_title(f"loss per optimizer step, by samples seen (reference: {result.reference})")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("samples seen (each point: one optimizer step)")
+    bottom.set_ylabel("|loss - reference loss|")
+    bottom.set_title(
+        f"deviation from the reference, same step count only (exact zeros drawn at {ZERO_FLOOR:.0e})",
+        fontsize="medium",
+    )
+    for panel in (top, bottom):
+        if panel.lines:  # a comparison whose modes all failed has nothing to label
+            panel.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(result: Comparison, path: Path) -> None:
+    measured = [m for m in result.modes if m.cost]
+    names = [m.name for m in measured]
+    colors = ["tab:gray" if m.baseline else "tab:blue" for m in measured]
+    panels = [
+        ("median optimizer-step time (ms)", [(m.cost.median_step_time_s or 0) * 1000 for m in measured], "{:.1f}"),
+        ("all-reduce per optimizer step (MiB)", [m.cost.allreduce_bytes_per_step / MIB for m in measured], "{:.2f}"),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 2))
+    for ax, (title, values, fmt) in zip(axes, panels, strict=True):
+        bars = ax.barh(names, values, color=colors)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize="small")
+        ax.set_title(title, fontsize="medium")
+        ax.invert_yaxis()  # run order, top to bottom
+        ax.margins(x=0.25)
+    axes[1].set_yticklabels([])
+    fig.suptitle("cost by mode (gray: baselines expected to differ or cost more)", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,88 @@
+"""Running a planned comparison: preflight, every mode's launch with a live view, judging and the report."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from launcher.compare import report
+from launcher.compare.config import CompareConfig
+from launcher.compare.judge import failure_lines, judge
+from launcher.compare.modes import PlannedMode
+from launcher.compare.preflight import preflight
+from launcher.config import dump_config
+from launcher.files import write_json_atomic, write_text_atomic
+from launcher.launch import Job, LaunchOutcome, job_commands, launch_env, machine_logs
+from launcher.records import to_json
+from launcher.rundir import RunDir
+from launcher.terminal import ModesProgress
+
+
+def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesProgress) -> LaunchOutcome:
+    """Launch one mode into a clean folder, one launch per machine, and follow its metrics.jsonl for the live
+    view. Every machine reads the same config, so all point at the same run folder; only the job's main
+    process (machine 0, rank 0) writes results there."""
+    if pm.run_dir.exists():
+        shutil.rmtree(pm.run_dir)  # never judge a mode on files a previous comparison left
+    pm.run_dir.mkdir(parents=True)
+    config_path = pm.run_dir / "launch_config.yaml"
+    write_text_atomic(config_path, dump_config(pm.train))
+    tmp_dir = Path(cfg.output_dir) / "tmp" / pm.name
+    env = launch_env(tmp_dir, threads, offline=False)  # a hub model or dataset loads where the network allows
+    commands = [
+        [*command, "--config", str(config_path)]
+        for command in job_commands(pm.plan.batch.world_size, pm.mode.num_machines)
+    ]
+    job = Job(commands, machine_logs(pm.run_dir, len(commands)), env)
+    folder = RunDir(pm.run_dir)
+    total_steps = pm.plan.max_steps
+
+    def follow() -> None:
+        nonlocal total_steps
+        records = folder.read_metrics()
+        total_steps = total_steps or folder.resolved_max_steps()
+        progress.update(pm.name, len(records), records[-1].loss if records else None, total_steps)
+
+    progress.start(pm.name, pm.describe())
+    outcome = job.start().wait(cfg.timeout_s, follow)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return outcome
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_comparison(cfg: CompareConfig, planned: list[PlannedMode], out: Path, threads: int) -> int:
+    """Run every mode, judge them, write compare.json and the report; the exit code (0 agree, 1 not, 130)."""
+    console = report.make_console()
+    reference = next(pm for pm in planned if pm.name == cfg.reference_name)
+    warnings = preflight(planned, reference)
+    report.print_plan(console, cfg, planned, warnings)
+    outcomes: dict[str, LaunchOutcome] = {}
+    progress = ModesProgress([(pm.name, pm.plan.max_steps) for pm in planned], console)
+    # A scheduler's SIGTERM takes the same way out as Ctrl-C: every running launch is stopped (Job.wait).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for pm in planned:
+            outcome = run_mode(pm, cfg, threads, progress)
+            outcomes[pm.name] = outcome
+            detail = f"{outcome.wall_s:.1f} s" if outcome.ok else outcome.reason()
+            progress.finish(pm.name, outcome.ok, detail, [] if outcome.ok else outcome.log_tail())
+    except KeyboardInterrupt:
+        print("error: compare interrupted; its running launches were stopped", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        progress.close()
+        shutil.rmtree(out / "tmp", ignore_errors=True)
+
+    result = judge(cfg, planned, outcomes, warnings)
+    result.threads_per_process = threads
+    write_json_atomic(out / "compare.json", to_json(result))
+    report.write_all(result, out)
+    report.print_result(console, result)
+    for line in failure_lines(result):
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return 0 if result.ok else 1

@@ -1,0 +1,161 @@
+"""Measurements: collectives counted where they are called, timers, memory from the runtime, library versions.
+
+Communication is counted by wrapping the ``torch.distributed`` collectives that the parallel strategies
+call: DDP's gradient buckets go through ``dist.all_reduce`` (the comm hook in ``parallel.ddp``), FSDP's
+shards through ``dist.reduce_scatter_single`` and ``dist.all_gather_single``. One mechanism for every
+strategy; the launcher's own scalar all-reduces (item counts, the logged loss and the agreements) are
+counted apart from the gradients'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import accelerate
+import torch
+import torch.distributed as dist
+import transformers
+
+# torch.distributed function -> the collective it is. Sizes are the bytes requested: the tensor of an
+# all-reduce, the full (unsharded) input of a reduce-scatter and output of an all-gather.
+COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_gather_single": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+}
+SCALAR = "scalar"  # the launcher's own small all-reduces
+
+
+@dataclass
+class Traffic:
+    calls: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Sent:
+    """What a span of training sent: traffic per collective, and the micro-steps that communicated."""
+
+    by_collective: dict[str, Traffic]
+    rounds: int
+
+    @property
+    def gradient_calls(self) -> int:
+        return sum(t.calls for kind, t in self.by_collective.items() if kind != SCALAR)
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(t.bytes for kind, t in self.by_collective.items() if kind != SCALAR)
+
+
+def _tensor_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    if name == "all_reduce":
+        tensor = kwargs.get("tensor", args[0] if args else None)
+    elif name.startswith("reduce_scatter"):
+        tensor = kwargs.get("input", args[1] if len(args) > 1 else None)
+    else:  # all-gathers: the output holds every rank's shard
+        tensor = kwargs.get("output_tensor", args[0] if args else None)
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+
+class CollectiveCounter:
+    """Counts calls and bytes per collective while installed; ``scalar()`` marks the launcher's own, and
+    ``round()`` counts a micro-step as a sync round when gradients went out during it."""
+
+    def __init__(self) -> None:
+        self.traffic: dict[str, Traffic] = {}
+        self.rounds = 0
+        self._originals: dict[str, Callable] = {}
+        self._scalar = False
+
+    def install(self) -> None:
+        for name, kind in COLLECTIVES.items():
+            original = getattr(dist, name, None)
+            if original is None or name in self._originals:
+                continue
+            self._originals[name] = original
+            setattr(dist, name, self._counting(name, kind, original))
+
+    def uninstall(self) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        self._originals.clear()
+
+    def _counting(self, name: str, kind: str, original: Callable) -> Callable:
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the wrapped function's own signature
+            entry = self.traffic.setdefault(SCALAR if self._scalar else kind, Traffic())
+            entry.calls += 1
+            entry.bytes += _tensor_bytes(name, args, kwargs)
+            return original(*args, **kwargs)
+
+        return counted
+
+    @contextlib.contextmanager
+    def scalar(self) -> Iterator[None]:
+        self._scalar = True
+        try:
+            yield
+        finally:
+            self._scalar = False
+
+    def _gradient_calls(self) -> int:
+        return sum(t.calls for kind, t in self.traffic.items() if kind != SCALAR)
+
+    @contextlib.contextmanager
+    def round(self) -> Iterator[None]:
+        before = self._gradient_calls()
+        yield
+        self.rounds += int(self._gradient_calls() > before)
+
+    def snapshot(self) -> tuple[dict[str, tuple[int, int]], int]:
+        return {kind: (t.calls, t.bytes) for kind, t in self.traffic.items()}, self.rounds
+
+    def since(self, snapshot: tuple[dict[str, tuple[int, int]], int]) -> Sent:
+        """What was sent since ``snapshot`` (a ``snapshot()``)."""
+        before, rounds = snapshot
+        by_collective = {}
+        for kind, t in self.traffic.items():
+            calls, n_bytes = before.get(kind, (0, 0))
+            if t.calls > calls:
+                by_collective[kind] = Traffic(t.calls - calls, t.bytes - n_bytes)
+        return Sent(by_collective, self.rounds - rounds)
+
+
+COUNTER = CollectiveCounter()  # the process's: the trainer installs it once
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now_s() -> float:
+    return time.perf_counter()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_source(device: torch.device) -> str:
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "getrusage.ru_maxrss"
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__,
+    }

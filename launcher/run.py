@@ -1,0 +1,35 @@
+"""What one training run is made of, built once by ``trainer.build`` and read by the step and the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from accelerate import Accelerator
+
+from launcher.batching import SampleOrder
+from launcher.config import Config
+from launcher.data import TokenDataset
+from launcher.parallel import DDP
+from launcher.plan import RunPlan
+from launcher.rundir import DataInfo, RunDir
+from launcher.state import TrainState
+
+
+@dataclass(frozen=True)
+class Run:
+    cfg: Config
+    plan: RunPlan  # with the steps resolved
+    accelerator: Accelerator
+    strategy: DDP
+    state: TrainState  # the only part that changes while training
+    dataset: TokenDataset
+    order: SampleOrder
+    task: str
+    folder: RunDir
+    data_info: DataInfo
+    # evaluator(model, step) -> the eval result dict, the same on every rank; None without an eval set.
+    evaluator: Callable[[Any, int], dict[str, Any]] | None = None
+    stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
+    resumed_from_step: int = 0

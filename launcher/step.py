@@ -1,0 +1,111 @@
+"""One optimizer step: the micro-steps of one window, then one agreed update.
+
+The launcher owns this loop rather than ``accelerator.accumulate()`` so that the two things that decide
+equivalence stay visible in one place:
+  * the sync point: every micro-step but the last runs forward AND backward without communicating (the
+    strategy's ``sync``); ``batch.sync=every_step`` is the baseline that communicates on every one;
+  * the loss scale: each micro-step's summed loss times a factor fixed for the window before its first
+    backward (``loss.micro_step_scales``).
+Accelerate's own accumulation stays at 1 step, so it never divides the loss itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from launcher.batching import micro_batch_ids
+from launcher.distributed import all_reduce_sum
+from launcher.loss import count_items, micro_step_scales, summed_loss
+from launcher.lr import lr_at
+from launcher.measure import COUNTER, now_s, peak_memory_bytes, synchronize
+from launcher.run import Run
+from launcher.rundir import StepRecord
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank agrees on after a step, from one all-reduce of three numbers."""
+
+    loss_sum: float  # the window's summed loss over every rank
+    nonfinite_ranks: int  # ranks whose loss or gradients are NaN/inf: the step is skipped on all
+    stop_ranks: int  # ranks asked to stop (a signal): all stop after this step
+
+
+def agree(run: Run, local_loss: float, nonfinite: bool, stop: bool) -> Agreement:
+    """One collective carries the logged loss and both agreements, so every rank skips, or stops after, the
+    same step, and neither costs a collective of its own."""
+    with COUNTER.scalar():
+        loss_sum, bad, stopping = all_reduce_sum(run.accelerator, [local_loss, float(nonfinite), float(stop)])
+    return Agreement(loss_sum, int(bad), int(stopping))
+
+
+def accumulate(run: Run, batches: list[dict[str, torch.Tensor]], scales: list[float], syncs: list[bool]) -> float:
+    """Forward and backward of every micro-batch; gradients add up in ``.grad``. Returns this rank's summed
+    loss of the window."""
+    model, device, task = run.state.model, run.accelerator.device, run.task
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch, scale, sync in zip(batches, scales, syncs, strict=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with run.strategy.sync(model, sync), COUNTER.round():
+            loss = summed_loss(model(**batch).logits, labels, task)
+            run.accelerator.backward(loss * scale)
+        loss_sum += loss.detach().double()  # stays on the device: no sync per micro-step
+    return float(loss_sum)
+
+
+def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
+    """Train optimizer step ``step`` (0-based); returns its record (global values) and whether any rank asked
+    to stop. A step whose loss or gradients are non-finite on any rank is skipped on all."""
+    acc, batch_plan, cfg = run.accelerator, run.plan.batch, run.cfg
+    started, traffic = now_s(), COUNTER.snapshot()
+    lr = lr_at(step, run.plan.optim, run.plan.max_steps)
+    for group in run.state.optimizer.param_groups:
+        group["lr"] = lr
+
+    window = run.order.window(step)
+    batches = [
+        run.dataset.collate(
+            micro_batch_ids(window, batch_plan, acc.process_index, m), batch_plan.micro_batch_size, window[0]
+        )
+        for m in range(batch_plan.accum_steps)
+    ]
+    local_items = [count_items(b["labels"], run.task) for b in batches]
+    # The divisor must be known before the first backward: it is the whole window's count, over all ranks.
+    with COUNTER.scalar():
+        (global_items,) = all_reduce_sum(acc, [float(sum(local_items))])
+    scales = micro_step_scales(local_items, int(global_items), batch_plan.world_size, cfg.batch.loss_normalization)
+    syncs = [cfg.batch.sync == "every_step" or m == batch_plan.accum_steps - 1 for m in range(len(batches))]
+    local_loss = accumulate(run, batches, scales, syncs)
+
+    # Clip once per optimizer step, on the synced gradients; with clipping off the norm is still logged.
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = float(acc.clip_grad_norm_(run.state.model.parameters(), max_norm))
+    # Under fp16 an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
+    grads_bad = not math.isfinite(grad_norm) and acc.scaler is None
+    verdict = agree(run, local_loss, not math.isfinite(local_loss) or grads_bad, run.stop_requested())
+    skipped = verdict.nonfinite_ranks > 0
+    if not skipped:
+        run.state.optimizer.step()
+    run.state.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, not carried over
+    synchronize(acc.device)
+    sent = COUNTER.since(traffic)
+    record = StepRecord(
+        step=step + 1,
+        loss=verdict.loss_sum / max(global_items, 1.0),
+        lr=lr,
+        grad_norm=grad_norm,
+        items=int(global_items),
+        samples=len(window),
+        step_time_s=now_s() - started,
+        sync_rounds=sent.rounds,
+        allreduce_calls=sent.gradient_calls,
+        allreduce_bytes=sent.gradient_bytes,
+        peak_mem_bytes=peak_memory_bytes(acc.device),
+        skipped=skipped,
+        nonfinite_ranks=verdict.nonfinite_ranks,
+    )
+    return record, verdict.stop_ranks > 0
