@@ -1,4 +1,4 @@
-"""Batch arithmetic and the global sample order. Pure Python: no torch, no ranks.
+"""Batch arithmetic and the global sample order. No torch, no ranks.
 
 global_batch_size = micro_batch_size x accum_steps x world_size, per optimizer step.
 
@@ -13,8 +13,9 @@ same samples in the same optimizer step.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
+
+import numpy as np
 
 from launcher.config import ConfigError
 
@@ -85,31 +86,67 @@ def plan_batch(
     return plan
 
 
-class SampleOrder:
-    """The global, split-independent order of sample indices, one seeded permutation per epoch."""
+_MASK64 = (1 << 64) - 1
 
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int) -> None:
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a well-mixed 64-bit hash, vectorized (numpy's uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class SampleOrder:
+    """The global, split-independent order of sample indices: epoch e is a seeded permutation of the samples.
+
+    The permutation is computed per position (a keyed 4-round Feistel bijection on [0, 4^h) >= num_samples, with
+    cycle-walking onto [0, num_samples)), so the order holds nothing per sample: a billion-sample set costs
+    the same as a small one, and any step's window is known without the ones before it.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int, reverse: bool = False) -> None:
         if num_samples < 1:
             raise ConfigError("data: the dataset has no samples")
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.reverse = reverse  # batch.window_order=reversed: each window's samples in reverse order
         self.steps_per_epoch = math.ceil(num_samples / global_batch_size)
-        self._epoch = -1
-        self._perm: list[int] = []
+        self._half = max(1, math.ceil(math.log2(num_samples) / 2)) if num_samples > 1 else 1
 
-    def window(self, step: int) -> list[int]:
+    def _keys(self, epoch: int) -> list[np.uint64]:
+        base = ((self.seed * 1_000_003 + epoch) * 0x9E3779B97F4A7C15) & _MASK64
+        keys = _mix(np.asarray([(base + r) & _MASK64 for r in range(1, self.ROUNDS + 1)], dtype=np.uint64))
+        return [np.uint64(k) for k in keys]
+
+    def _feistel(self, x: np.ndarray, keys: list[np.uint64]) -> np.ndarray:
+        half, mask = np.uint64(self._half), np.uint64((1 << self._half) - 1)
+        left, right = x >> half, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << half) | right
+
+    def permuted(self, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """The samples at ``positions`` of epoch ``epoch``'s permutation."""
+        keys = self._keys(epoch)
+        out = self._feistel(positions.astype(np.uint64), keys)
+        outside = out >= self.num_samples
+        while outside.any():  # cycle-walking: the bijection on the larger domain, restricted to [0, n)
+            out[outside] = self._feistel(out[outside], keys)
+            outside = out >= self.num_samples
+        return out.astype(np.int64)
+
+    def window(self, step: int) -> np.ndarray:
         """Sample indices of optimizer step ``step``: at most G, fewer on an epoch's last step."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._perm = list(range(self.num_samples))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm)
-            self._epoch = epoch
         start = index * self.global_batch_size
-        return self._perm[start : start + self.global_batch_size]
+        window = self.permuted(np.arange(start, min(start + self.global_batch_size, self.num_samples)), epoch)
+        return window[::-1].copy() if self.reverse else window
 
 
-def micro_batch_ids(window: list[int], plan: BatchPlan, rank: int, micro_step: int) -> list[int]:
+def micro_batch_ids(window: np.ndarray, plan: BatchPlan, rank: int, micro_step: int) -> np.ndarray:
     """The samples of rank ``rank`` at ``micro_step``: up to B, possibly none in a short window."""
     start = (micro_step * plan.world_size + rank) * plan.micro_batch_size
     return window[start : start + plan.micro_batch_size]

@@ -58,8 +58,9 @@ class NonFiniteModelError(RuntimeError):
     """The weights hold NaN or inf: such a model is never written as a checkpoint."""
 
 
-def run_meta(cfg: Config, plan: RunPlan) -> dict[str, Any]:
-    """What every checkpoint of this run records besides its step: the batch plan, model, dtype, optimizer."""
+def run_meta(cfg: Config, plan: RunPlan, num_labels: int) -> dict[str, Any]:
+    """What every checkpoint of this run records besides its step: the batch plan, model (with the classes it
+    was built for), dtype, optimizer."""
     batch = plan.batch
     return {
         "format": FORMAT_VERSION,
@@ -67,7 +68,7 @@ def run_meta(cfg: Config, plan: RunPlan) -> dict[str, Any]:
         "world_size": batch.world_size,
         "micro_batch_size": batch.micro_batch_size,
         "accum_steps": batch.accum_steps,
-        "model": {key: getattr(cfg.model, key) for key in MODEL_KEYS},
+        "model": {**{key: getattr(cfg.model, key) for key in MODEL_KEYS}, "num_labels": num_labels},
         "dtype": cfg.run.dtype,
         "optimizer": cfg.optim.name,
         "seed": cfg.run.seed,
@@ -193,6 +194,8 @@ def check_compatible(info: CheckpointInfo, cfg: Config, plan: RunPlan) -> None:
     where = f"checkpoint {str(info.path)!r}"
     for key in MODEL_KEYS:
         saved, value = info.meta["model"].get(key), getattr(cfg.model, key)
+        if key == "num_labels" and not value:
+            continue  # from the data: the weights' shapes are checked when they load
         if saved != value:
             raise CheckpointError(f"{where} is of another model: model.{key}={saved!r} there, {value!r} here")
     for key, saved, value in (

@@ -99,6 +99,9 @@ class RunConfig(Section):
     log_with: str = option(
         "none", "Accelerate trackers besides metrics.jsonl: none, or a comma list (tensorboard, wandb, ...)"
     )
+    save_initial_weights: bool = option(
+        False, "also write the weights before the first step (model_init.safetensors): what training changed"
+    )
 
     def check(self) -> None:
         check(bool(self.output_dir), "output_dir", self.output_dir, "must name a folder")
@@ -118,30 +121,48 @@ class RunConfig(Section):
 @dataclass(frozen=True)
 class ModelConfig(Section):
     name: str = option("tiny-gpt2", "tiny-gpt2 | tiny-bert | mlp-bn | hf:<local dir or hub id>")
-    dropout: float = option(0.0, "probability applied to every dropout in the model")
+    dropout: float | None = option(
+        None, "probability applied to every dropout in the model (null: the model's own; 0 for the built-in ones)"
+    )
     task: str = option("auto", "lm | cls | auto (from the model name or architecture)", ("auto", "lm", "cls"))
     hidden_size: int = option(64, "width of the built-in tiny models")
     num_layers: int = option(2, "depth of the built-in tiny models")
     num_heads: int = option(2, "attention heads of the built-in tiny models")
-    num_labels: int = option(2, "classes for sequence classification")
+    num_labels: int = option(0, "classes for sequence classification (0: from the training labels; 2 for synthetic)")
     sync_batchnorm: bool = option(
         False, "under DDP, compute BatchNorm statistics over all ranks' micro-batches (SyncBatchNorm)"
     )
 
     def check(self) -> None:
-        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1) or null")
         for key in ("hidden_size", "num_layers", "num_heads"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        check(self.num_labels >= 2, "num_labels", self.num_labels, "must be >= 2")
+        check(
+            self.num_labels == 0 or self.num_labels >= 2,
+            "num_labels",
+            self.num_labels,
+            "must be >= 2 (0 = from the data)",
+        )
 
 
 @dataclass(frozen=True)
 class DataConfig(Section):
     name: str = option(
-        "synthetic-lm", "synthetic-lm | synthetic-cls | path to .csv/.json/.jsonl/.parquet | hf:<hub dataset id>"
+        "synthetic-lm",
+        "synthetic-lm | synthetic-cls | a .csv/.json/.jsonl/.parquet/.txt file | a flat token file (.bin uint16, "
+        ".npy) | a token store folder | hf:<hub dataset id>",
     )
-    num_samples: int = option(256, "samples in the training set (synthetic) or the most taken from a file (0 = all)")
-    seq_len: int = option(32, "maximum sequence length in tokens")
+    num_samples: int = option(256, "samples generated for synthetic-lm / synthetic-cls (files: data.max_rows)")
+    max_rows: int = option(0, "most training rows taken from a file or hub dataset, after eval.fraction (0 = all)")
+    seq_len: int = option(32, "maximum sequence length in tokens (blocks of flat token files: seq_len + 1)")
+    packing: bool = option(
+        False, "language models: documents joined with the tokenizer's EOS into blocks of seq_len + 1, not padded rows"
+    )
+    txt_documents: str = option(
+        "line",
+        "a .txt file's documents: one per line, or per paragraph (separated by blank lines)",
+        ("line", "paragraph"),
+    )
     text_column: str = option("text", "column holding the text (file and hub datasets)")
     text_pair_column: str = option("", "column holding the second text of a pair (e.g. sentence2; empty = none)")
     label_column: str = option("label", "column holding the class label (classification)")
@@ -152,7 +173,8 @@ class DataConfig(Section):
     )
 
     def check(self) -> None:
-        check(self.num_samples >= 0, "num_samples", self.num_samples, "must be >= 0 (0 = all rows of a file)")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(self.max_rows >= 0, "max_rows", self.max_rows, "must be >= 0 (0 = all rows)")
         check(self.seq_len >= 4, "seq_len", self.seq_len, "must be >= 4")
         check(bool(self.cache_dir), "cache_dir", self.cache_dir, "must be auto, none or a folder")
 
@@ -189,6 +211,12 @@ class BatchConfig(Section):
     loss_normalization: str = option(
         "tokens", "tokens: sum / global item count (exact); mean: per-micro-batch mean / K (naive)", ("tokens", "mean")
     )
+    window_order: str = option(
+        "forward",
+        "reversed: each step's samples in reverse order, the same training in exact arithmetic with other "
+        "rounding (compare's rounding-floor control)",
+        ("forward", "reversed"),
+    )
 
     def check(self) -> None:
         for key in ("global_batch_size", "micro_batch_size", "accum_steps"):
@@ -213,6 +241,9 @@ class OptimConfig(Section):
         ("none", "linear", "sqrt"),
     )
     base_global_batch_size: int | None = option(None, "the global batch optim.lr was tuned for (lr_scaling)")
+    lr_multiplier: float = option(
+        1.0, "times optim.lr, after lr_scaling: a learning rate set relative to the base (a study's hand-picked lr)"
+    )
     scale_betas_eps: bool = option(
         False,
         "adamw with lr_scaling=sqrt: also beta -> 1 - k(1 - beta) and eps -> eps / sqrt k (Malladi et al., 2022)",
@@ -220,6 +251,7 @@ class OptimConfig(Section):
 
     def check(self) -> None:
         check(self.lr >= 0, "lr", self.lr, "must be >= 0")
+        check(self.lr_multiplier > 0, "lr_multiplier", self.lr_multiplier, "must be > 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")

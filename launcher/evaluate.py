@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from launcher.builtin import CLS, LM
-from launcher.data import TokenDataset, model_inputs
+from launcher.data import TokenDataset
 from launcher.distributed import broadcast_buffers
 from launcher.loss import IGNORE, item_losses
 from launcher.measure import now_s, synchronize
@@ -77,7 +77,7 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for batch in self.loader:
-                    logits = module(**model_inputs(batch)).logits
+                    logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits
                     gathered.append([t.cpu() for t in acc.gather_for_metrics(self._per_sample(batch, logits))])
         finally:
             model.train()

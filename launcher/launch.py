@@ -78,8 +78,12 @@ def accelerate_command(
 
 
 def job_commands(num_processes: int, num_machines: int = 1, script: str | Path = TRAIN_SCRIPT) -> list[list[str]]:
-    """One `accelerate launch` per machine of a job. Several machines meet at one rendezvous on this host's
-    loopback, on a port picked here: ``--main_process_port 0`` would give each machine its own."""
+    """The commands of a job: one process runs the script itself (a launcher would only start it, at a second
+    and a half of imports); more are one `accelerate launch` per machine. Several machines meet at one
+    rendezvous on this host's loopback, on a port picked here: ``--main_process_port 0`` would give each
+    machine its own."""
+    if num_processes == 1:
+        return [[sys.executable, str(script)]]
     if num_machines == 1:
         return [accelerate_command(num_processes, script)]
     port = free_port()

@@ -11,7 +11,7 @@ from launcher.config import Config, dump_config
 from launcher.distributed import backend_name, gather_object, tracker_values
 from launcher.measure import library_versions, memory_source, now_s, peak_memory_bytes
 from launcher.run import Run
-from launcher.rundir import OptimInfo, RunSummary, StepRecord, Totals
+from launcher.rundir import INITIAL_WEIGHTS, OptimInfo, RunSummary, StepRecord, Totals
 from launcher.step import train_step
 from launcher.terminal import StepProgress, describe_eval, print_summary
 
@@ -59,7 +59,7 @@ def run_loop(run: Run) -> Outcome:
     main = acc.is_main_process
     state.model.train()
     records: list[StepRecord] = []
-    meta = checkpoint.run_meta(cfg, run.plan)
+    meta = checkpoint.run_meta(cfg, run.plan, run.num_labels)
     if main:
         metrics, records = run.folder.start(
             # config.yaml records the steps as resolved: run.max_epochs decides them from the data.
@@ -68,6 +68,8 @@ def run_loop(run: Run) -> Outcome:
             keep_checkpoints=cfg.run.resume != "none",
         )
         progress = StepProgress(max_steps, cfg.run.log_every_steps)
+        if cfg.run.save_initial_weights and state.step == 0:
+            run.folder.write_weights(state.module, INITIAL_WEIGHTS)
     prior = len(records)  # only this session's records are the same on every rank (rank 0 read the rest back)
     stopped = False
     try:
@@ -94,6 +96,7 @@ def run_loop(run: Run) -> Outcome:
             if stopped:
                 break
     finally:
+        run.feeder.close()
         if main:
             progress.close()
             metrics.close()

@@ -21,11 +21,6 @@ def targets(labels: torch.Tensor, task: str) -> torch.Tensor:
     return labels[:, 1:] if task == LM else labels
 
 
-def count_items(labels: torch.Tensor, task: str) -> int:
-    """Items that carry loss: next-token targets for an LM, samples for a classifier."""
-    return int((targets(labels, task) != IGNORE).sum())
-
-
 def _aligned(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and their targets, flattened to (items, classes) and (items,)."""
     if task == LM:

@@ -3,10 +3,10 @@
 Pure arithmetic, no torch: the trainer, ``compare`` (before any launch) and the tests resolve the same way.
 
     k = global_batch_size / optim.base_global_batch_size
-    linear: lr x k            sqrt: lr x sqrt(k)
+    linear: lr x k            sqrt: lr x sqrt(k)            then x optim.lr_multiplier (1 = off)
     sqrt + optim.scale_betas_eps (AdamW): beta -> 1 - k (1 - beta), eps -> eps / sqrt(k)
 
-The last line is the square-root scaling rule for Adam of Malladi et al., 2022 ("On the SDEs and Scaling
+The betas line is the square-root scaling rule for Adam of Malladi et al., 2022 ("On the SDEs and Scaling
 Rules for Adaptive Gradient Algorithms"): it keeps the averaging horizon of the moments constant in samples
 seen, as the scaled lr keeps the noise scale of the update.
 """
@@ -42,6 +42,7 @@ class ResolvedOptim:
         return {
             "lr": self.cfg.lr,
             "lr_scaling": self.cfg.lr_scaling,
+            "lr_multiplier": self.cfg.lr_multiplier,
             "base_global_batch_size": self.cfg.base_global_batch_size,
             "lr_resolved": self.lr,
             "beta1": self.beta1,
@@ -52,11 +53,12 @@ class ResolvedOptim:
     def describe(self) -> str:
         """``lr: 2e-05 x 3 (linear, global batch 60 / base 20) = 6e-05``, and the betas/eps when they moved."""
         cfg = self.cfg
+        by_hand = f" x {cfg.lr_multiplier:g} (optim.lr_multiplier)" if cfg.lr_multiplier != 1 else ""
         if cfg.lr_scaling == "none":
-            return f"lr: {cfg.lr:g} (optim.lr_scaling=none)"
+            return f"lr: {cfg.lr:g}{by_hand} (optim.lr_scaling=none)" + (f" = {self.lr:.4g}" if by_hand else "")
         factor = self.scale if cfg.lr_scaling == "linear" else math.sqrt(self.scale)
         where = f"global batch {self.global_batch_size} / base {cfg.base_global_batch_size}"
-        line = f"lr: {cfg.lr:g} x {factor:.4g} ({cfg.lr_scaling}, {where}) = {self.lr:.4g}"
+        line = f"lr: {cfg.lr:g} x {factor:.4g} ({cfg.lr_scaling}, {where}){by_hand} = {self.lr:.4g}"
         if cfg.scale_betas_eps:
             line += (
                 f"; beta1 {cfg.beta1:g} -> {self.beta1:.6g}, beta2 {cfg.beta2:g} -> {self.beta2:.6g}, "
@@ -72,9 +74,9 @@ def resolve_optim(cfg: OptimConfig, global_batch_size: int) -> ResolvedOptim:
     """
     base = cfg.base_global_batch_size
     if cfg.lr_scaling == "none" or not base:
-        return ResolvedOptim(cfg, global_batch_size, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+        return ResolvedOptim(cfg, global_batch_size, cfg.lr * cfg.lr_multiplier, cfg.beta1, cfg.beta2, cfg.eps)
     k = global_batch_size / base
-    lr = cfg.lr * (k if cfg.lr_scaling == "linear" else math.sqrt(k))
+    lr = cfg.lr * (k if cfg.lr_scaling == "linear" else math.sqrt(k)) * cfg.lr_multiplier
     beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
     if cfg.scale_betas_eps:  # validated: adamw with sqrt scaling only
         beta1, beta2 = (1.0 - k * (1.0 - beta) for beta in (cfg.beta1, cfg.beta2))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -27,13 +29,42 @@ from transformers import (
 from launcher.builtin import BUILTIN_TASKS, CLS, LM
 from launcher.config import ConfigError, ModelConfig
 
-ENCODE_BATCH_ROWS = 1000  # rows per tokenizer call: fast tokenizers work on a batch in parallel
+ENCODE_CHUNK_ROWS = 20_000  # rows per call of a fast tokenizer's batch encoder (which spreads a call over the cores)
 
-# What an encoder returns: "input_ids" per row, and "token_type_ids" (0 = first text, 1 = second) for pairs when
-# the tokenizer makes them (BERT-style models were pretrained with these segment ids).
-Encoded = dict[str, list[list[int]]]
-# encode(texts, pairs or None, max_length) -> Encoded
-Encoder = Callable[[list[str], list[str] | None, int], Encoded]
+
+@dataclass
+class Encoded:
+    """Tokenized rows as flat arrays: what a token store holds."""
+
+    tokens: np.ndarray  # int64, every row's ids one after the other
+    offsets: np.ndarray  # int64, rows + 1: row i is tokens[offsets[i]:offsets[i + 1]]
+    segments: np.ndarray | None  # uint8 like tokens: 0 first text, 1 second, for pairs when the tokenizer makes them
+    truncated: int  # rows cut at the length limit
+
+
+def encoded_from_rows(rows: list[list[int]], segments: list[list[int]] | None, truncated: int) -> Encoded:
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
+    segs = None
+    if segments is not None:
+        segs = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.uint8, count=int(offsets[-1]))
+    return Encoded(tokens, offsets, segs, truncated)
+
+
+# encode(texts, pairs or None, max_length or None for no limit) -> Encoded
+Encoder = Callable[[list[str], list[str] | None, int | None], Encoded]
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    vocab_size: int
+    pad_token_id: int
+    eos_token_id: int | None  # what separates packed documents (data.packing)
+    # Changes whenever the tokenizer would give other ids: part of the token store's key.
+    fingerprint: str
+    encode: Encoder
 
 
 class ByteTokenizer:
@@ -42,27 +73,37 @@ class ByteTokenizer:
     vocab_size = 258
     pad_token_id = 256
     bos_token_id = 257
-    fingerprint = "byte-tokenizer-v1"  # the tokenization cache's key for it: change it when encode() changes
+    fingerprint = "byte-tokenizer-v1"  # the token store's key for it: change it when encode() changes
 
-    def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
+    def encode(self, texts: list[str], pairs: list[str] | None, max_length: int | None) -> Encoded:
         """``[bos] + a`` or, for a pair, ``[bos] + a + [bos] + b``; truncated to ``max_length`` tokens."""
         bos = self.bos_token_id
         if pairs is None:
             rows = [[bos, *a.encode("utf-8")] for a in texts]
         else:
             rows = [[bos, *a.encode("utf-8"), bos, *b.encode("utf-8")] for a, b in zip(texts, pairs, strict=True)]
-        return {"input_ids": [row[:max_length] for row in rows]}
+        truncated = sum(len(row) > max_length for row in rows) if max_length else 0
+        return encoded_from_rows([row[:max_length] for row in rows], None, truncated)
+
+    def spec(self) -> Tokenizer:
+        return Tokenizer(self.vocab_size, self.pad_token_id, self.bos_token_id, self.fingerprint, self.encode)
 
 
-@dataclass
-class ModelBundle:
-    model: nn.Module
-    task: str  # LM or CLS
-    vocab_size: int
-    pad_token_id: int
-    encode: Encoder
-    # Changes whenever the tokenizer would give other ids: part of the tokenization cache's key.
-    tokenizer_fingerprint: str = ByteTokenizer.fingerprint
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model config says before any weight is loaded: the task (None when only the data can tell) and
+    the tokenizer, so that the data is checked and tokenized before the model is built."""
+
+    cfg: ModelConfig
+    task: str | None
+    tokenizer: Tokenizer
+    hf_config: object | None = None  # the transformers config of an hf: model
+    source: str | None = None  # its folder or hub id
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's embedding: every token id must be below it."""
+        return getattr(self.hf_config, "vocab_size", None) or self.tokenizer.vocab_size
 
 
 def _set_dropout(config: object, p: float) -> None:
@@ -79,7 +120,9 @@ def _force_dropout(model: nn.Module, p: float) -> None:
             module.p = p
 
 
-def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str:
+def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str | None:
+    """lm or cls from model.task, the built-in model or the architecture's head; None for a base model (a
+    ``BertModel`` folder), whose task the data decides."""
     if cfg.task != "auto":
         return cfg.task
     if cfg.name in BUILTIN_TASKS:
@@ -89,10 +132,7 @@ def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str:
         return LM
     if "ForSequenceClassification" in arch:
         return CLS
-    raise ConfigError(
-        f"model.task=auto cannot tell the task of model.name={cfg.name!r} (architectures: {arch or 'none'}); "
-        "set model.task=lm or model.task=cls"
-    )
+    return None
 
 
 # The built-in transformers: (task, config class, model class, the config's names for positions, width,
@@ -108,26 +148,21 @@ TINY = {
 }
 
 
-def _tiny(cfg: ModelConfig, max_positions: int) -> ModelBundle:
+def _tiny(cfg: ModelConfig, num_labels: int, max_positions: int) -> nn.Module:
     tok = ByteTokenizer()
-    task = _task_of(cfg, None)
-    expected, config_class, build, names = TINY[cfg.name]
-    if task != expected:
-        kind = "a causal LM" if expected == LM else "a classifier"
-        raise ConfigError(f"model.task={cfg.task!r} does not fit model.name={cfg.name!r} ({kind})")
-    shape = dict(zip(names, (max_positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads), strict=True))
-    if task == LM:
-        extra = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.bos_token_id}
-    else:
-        extra = {"intermediate_size": 4 * cfg.hidden_size, "num_labels": cfg.num_labels}
-    config = config_class(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **shape, **extra)
+    _, config_class, build, names = TINY[cfg.name]
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}")
-    _set_dropout(config, cfg.dropout)
+    shape = dict(zip(names, (max_positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads), strict=True))
+    if build is GPT2LMHeadModel:
+        extra = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.bos_token_id}
+    else:
+        extra = {"intermediate_size": 4 * cfg.hidden_size, "num_labels": num_labels}
+    config = config_class(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **shape, **extra)
+    _set_dropout(config, cfg.dropout or 0.0)  # the built-in models' own dropout is 0
     # Eager attention: the same kernels for every batch shape, so splits compare exactly.
     config._attn_implementation = "eager"
-    model = build(config)
-    return ModelBundle(model, task, tok.vocab_size, tok.pad_token_id, tok.encode, tok.fingerprint)
+    return build(config)
 
 
 def first_line(err: BaseException) -> str:
@@ -173,20 +208,52 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
 
 
 def _hf_encoder(tokenizer: object) -> Encoder:
-    def encode(texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
-        out: Encoded = {"input_ids": []}
-        for start in range(0, len(texts), ENCODE_BATCH_ROWS):
-            chunk = slice(start, start + ENCODE_BATCH_ROWS)
-            encoded = tokenizer(
-                texts[chunk], pairs[chunk] if pairs is not None else None, truncation=True, max_length=max_length
-            )
-            out["input_ids"] += encoded["input_ids"]
-            # Segment ids matter only for a pair (one text is all zeros, the models' default).
-            if pairs is not None and "token_type_ids" in encoded:
-                out.setdefault("token_type_ids", []).extend(encoded["token_type_ids"])
-        return out
+    """Batch encoding with the tokenizer's own special tokens and truncation (longest first, its truncation
+    side). A fast tokenizer's Rust encoder runs on every core and reports truncation itself; a slow one goes
+    through its Python call."""
+    if not getattr(tokenizer, "is_fast", False):
+        return _slow_hf_encoder(tokenizer)
+    from tokenizers import Tokenizer as RustTokenizer
+
+    backend = RustTokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: its settings change below
+    backend.no_padding()  # some tokenizer.json files pad every row to a fixed length
+
+    def encode(texts: list[str], pairs: list[str] | None, max_length: int | None) -> Encoded:
+        if max_length:
+            backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+        else:
+            backend.no_truncation()
+        rows, segments, truncated = [], [] if pairs is not None else None, 0
+        for start in range(0, len(texts), ENCODE_CHUNK_ROWS):
+            chunk = texts[start : start + ENCODE_CHUNK_ROWS]
+            inputs = chunk if pairs is None else list(zip(chunk, pairs[start : start + ENCODE_CHUNK_ROWS], strict=True))
+            for encoding in backend.encode_batch(inputs):
+                rows.append(encoding.ids)
+                truncated += bool(encoding.overflowing)
+                if segments is not None:  # segment ids matter only for a pair (one text is all zeros)
+                    segments.append(encoding.type_ids)
+        return encoded_from_rows(rows, segments, truncated)
 
     return encode
+
+
+def _slow_hf_encoder(tokenizer: object) -> Encoder:
+    def encode(texts: list[str], pairs: list[str] | None, max_length: int | None) -> Encoded:
+        out = tokenizer(texts, pairs, truncation=bool(max_length), max_length=max_length)
+        full = tokenizer(texts, pairs)["input_ids"] if max_length else out["input_ids"]
+        truncated = sum(len(a) > len(b) for a, b in zip(full, out["input_ids"], strict=True))
+        segments = out.get("token_type_ids") if pairs is not None else None
+        return encoded_from_rows(out["input_ids"], segments, truncated)
+
+    return encode
+
+
+def hf_tokenizer(name: str, tokenizer: object) -> Tokenizer:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError(f"model.name={name!r}: the tokenizer has neither a pad nor an eos token")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return Tokenizer(len(tokenizer), pad, eos, tokenizer_fingerprint(tokenizer), _hf_encoder(tokenizer))
 
 
 @dataclass
@@ -217,24 +284,17 @@ class MlpBatchNorm(nn.Module):
         return ClassifierOutput(self.head(self.body(pooled)))
 
 
-def _mlp_bn(cfg: ModelConfig) -> ModelBundle:
-    if _task_of(cfg, None) != CLS:
-        raise ConfigError(f"model.task={cfg.task!r} does not fit model.name='mlp-bn' (a classifier)")
-    tok = ByteTokenizer()
-    model = MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_labels, cfg.dropout)
-    return ModelBundle(model, CLS, tok.vocab_size, tok.pad_token_id, tok.encode, tok.fingerprint)
-
-
-def _pretrained(cfg: ModelConfig) -> ModelBundle:
+def _open_pretrained(cfg: ModelConfig) -> tuple[str, object, object]:
+    """(source, transformers config, tokenizer) of an hf: model, without its weights; one line per mistake."""
     source = cfg.name.removeprefix("hf:")
     if not source:
         raise ConfigError("model.name='hf:' needs a local folder or a hub id after 'hf:'")
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local:
-        _check_local_folder(cfg.name, Path(source).expanduser())
+        source = str(Path(source).expanduser())
+        _check_local_folder(cfg.name, Path(source))
     try:
-        config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return source, AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", str(err))
         if unknown:
@@ -247,24 +307,23 @@ def _pretrained(cfg: ModelConfig) -> ModelBundle:
             f"model.name={cfg.name!r} is not a local folder and could not be loaded from the hub "
             f"(no network, or no such model?): {first_line(err)}"
         ) from None
-    task = _task_of(cfg, getattr(config, "architectures", None))
-    _set_dropout(config, cfg.dropout)
-    if task == CLS and getattr(config, "num_labels", None) != cfg.num_labels:
-        config.num_labels = cfg.num_labels
-    auto = AutoModelForCausalLM if task == LM else AutoModelForSequenceClassification
-    try:
-        model = auto.from_pretrained(source, config=config)
-    except ValueError as err:
-        raise ConfigError(f"model.name={cfg.name!r} has no {task} head: {first_line(err)}") from None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError(f"model.name={cfg.name!r}: the tokenizer has neither a pad nor an eos token")
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad
 
-    return ModelBundle(
-        model, task, model.config.vocab_size, pad, _hf_encoder(tokenizer), tokenizer_fingerprint(tokenizer)
-    )
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+    """The task and tokenizer of the model ``cfg`` names: a config file and a vocabulary at most, no weights."""
+    if cfg.name in BUILTIN_TASKS:
+        task = _task_of(cfg, None)
+        if task != BUILTIN_TASKS[cfg.name]:
+            kind = "a causal LM" if BUILTIN_TASKS[cfg.name] == LM else "a classifier"
+            raise ConfigError(f"model.task={cfg.task!r} does not fit model.name={cfg.name!r} ({kind})")
+        return ModelSpec(cfg, task, ByteTokenizer().spec())
+    if not cfg.name.startswith("hf:"):
+        raise ConfigError(
+            f"model.name={cfg.name!r} is not known; choose tiny-gpt2, tiny-bert, mlp-bn or hf:<folder or hub id>"
+        )
+    source, config, tokenizer = _open_pretrained(cfg)
+    task = _task_of(cfg, getattr(config, "architectures", None))
+    return ModelSpec(cfg, task, hf_tokenizer(cfg.name, tokenizer), config, source)
 
 
 def pretrained_config(name: str) -> object:
@@ -272,18 +331,32 @@ def pretrained_config(name: str) -> object:
     return AutoConfig.from_pretrained(name.removeprefix("hf:"))
 
 
-def build_model(cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> ModelBundle:
-    """Build the model named by ``cfg`` with every dropout set to ``cfg.dropout``, in ``dtype``."""
+def build_model(spec: ModelSpec, task: str, num_labels: int, max_positions: int, dtype: torch.dtype) -> nn.Module:
+    """The model of ``spec`` for ``task``, every dropout set to model.dropout (when set), in ``dtype``."""
+    cfg = spec.cfg
     if cfg.name == "mlp-bn":
-        bundle = _mlp_bn(cfg)
+        tok = ByteTokenizer()
+        model = MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, num_labels, cfg.dropout or 0.0)
     elif cfg.name in BUILTIN_TASKS:
-        bundle = _tiny(cfg, max_positions)
-    elif cfg.name.startswith("hf:"):
-        bundle = _pretrained(cfg)
+        model = _tiny(cfg, num_labels, max_positions)
     else:
-        raise ConfigError(
-            f"model.name={cfg.name!r} is not known; choose tiny-gpt2, tiny-bert, mlp-bn or hf:<folder or hub id>"
-        )
-    _force_dropout(bundle.model, cfg.dropout)
-    bundle.model.to(dtype)
-    return bundle
+        model = _pretrained(spec, task, num_labels)
+    if cfg.dropout is not None:
+        _force_dropout(model, cfg.dropout)
+    return model.to(dtype)
+
+
+def _pretrained(spec: ModelSpec, task: str, num_labels: int) -> nn.Module:
+    cfg, config = spec.cfg, spec.hf_config
+    if cfg.dropout is not None:
+        _set_dropout(config, cfg.dropout)
+    if task == CLS and getattr(config, "num_labels", None) != num_labels:
+        config.num_labels = num_labels
+    auto = AutoModelForCausalLM if task == LM else AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(spec.source, config=config)
+    except ValueError as err:
+        raise ConfigError(f"model.name={cfg.name!r} has no {task} head: {first_line(err)}") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = spec.tokenizer.pad_token_id
+    return model

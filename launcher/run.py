@@ -8,9 +8,9 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from launcher.batching import SampleOrder
 from launcher.config import Config
 from launcher.data import TokenDataset
+from launcher.data.feed import WindowFeeder
 from launcher.parallel import DDP
 from launcher.plan import RunPlan
 from launcher.rundir import DataInfo, RunDir
@@ -25,7 +25,7 @@ class Run:
     strategy: DDP
     state: TrainState  # the only part that changes while training
     dataset: TokenDataset
-    order: SampleOrder
+    feeder: WindowFeeder  # each step's micro-batches, prepared a step ahead
     task: str
     folder: RunDir
     data_info: DataInfo
@@ -33,3 +33,4 @@ class Run:
     evaluator: Callable[[Any, int], dict[str, Any]] | None = None
     stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
     resumed_from_step: int = 0
+    num_labels: int = 0  # a classifier's classes (model.num_labels, or from the data)

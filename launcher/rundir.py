@@ -28,6 +28,7 @@ from launcher.files import atomic_output, write_json_atomic, write_text_atomic
 from launcher.records import from_json, to_json
 
 CONFIG, METRICS, SUMMARY, WEIGHTS = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
+INITIAL_WEIGHTS = "model_init.safetensors"  # run.save_initial_weights
 RESULT_FILES = (METRICS, SUMMARY, WEIGHTS)  # what a started or finished run leaves
 CHECKPOINTS, CHECKPOINT_PREFIX, PARTIAL_PREFIX = "checkpoints", "step-", ".tmp-"
 CHECKPOINT_META = "meta.json"  # written last: a checkpoint folder with it is complete
@@ -81,6 +82,11 @@ class DataInfo:
     eval_samples: int
     tokenized_cache: str  # hit | miss | off
     label_names: list[str] | None = None  # when string labels were mapped to ids
+    source_rows: int = 0  # rows (or blocks) of the training source
+    rows_used: int = 0  # of them, trained on: after eval.fraction's carve and data.max_rows
+    truncated_rows: int = 0  # source rows cut at data.seq_len by the tokenizer
+    tokens: int = 0  # in the training source
+    layout: str = "rows"  # rows (padded per micro-batch) or blocks (data.seq_len + 1 tokens of a stream)
 
 
 @dataclass
@@ -94,6 +100,7 @@ class OptimInfo:
     beta1: float
     beta2: float
     eps: float
+    lr_multiplier: float = 1.0
 
 
 @dataclass
@@ -190,7 +197,7 @@ class RunDir:
         write_text_atomic(self.path / CONFIG, config_text)
         self.remove_partial_checkpoints()
         if start_step == 0:
-            for stale in RESULT_FILES:  # reached only with run.overwrite=true: never mix two runs' files
+            for stale in (*RESULT_FILES, INITIAL_WEIGHTS):  # only with run.overwrite=true: never mix two runs' files
                 (self.path / stale).unlink(missing_ok=True)
             if not keep_checkpoints:
                 shutil.rmtree(self.checkpoints_dir, ignore_errors=True)  # a later resume=auto must not find them
@@ -211,11 +218,12 @@ class RunDir:
     def write_summary(self, summary: RunSummary) -> None:
         write_json_atomic(self.path / SUMMARY, to_json(summary))
 
-    def write_weights(self, module: Any) -> None:
-        """Final weights as safetensors; tied tensors (GPT-2's embedding/head) are stored once."""
+    def write_weights(self, module: Any, name: str = WEIGHTS) -> None:
+        """Weights as safetensors (the final ones unless ``name`` says otherwise); tied tensors (GPT-2's
+        embedding/head) are stored once."""
         from safetensors.torch import save_model  # torch: compare reads run folders before it needs torch
 
-        atomic_output(self.path / WEIGHTS, lambda tmp: save_model(module, tmp))
+        atomic_output(self.path / name, lambda tmp: save_model(module, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -266,10 +274,10 @@ class RunDir:
     def read_summary(self) -> RunSummary:
         return from_json(RunSummary, json.loads((self.path / SUMMARY).read_text()))
 
-    def read_weights(self) -> dict[str, Any]:
+    def read_weights(self, name: str = WEIGHTS) -> dict[str, Any]:
         from safetensors.torch import load_file  # torch: compare reads run folders before it needs torch
 
-        return load_file(str(self.path / WEIGHTS))
+        return load_file(str(self.path / name))
 
     def resolved_max_steps(self) -> int | None:
         """run.max_steps as the trainer resolved it, from the config.yaml it writes before its first step."""

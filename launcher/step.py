@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.batching import micro_batch_ids
 from launcher.distributed import all_reduce_sum
-from launcher.loss import count_items, micro_step_scales, summed_loss
+from launcher.loss import micro_step_scales, summed_loss
 from launcher.lr import lr_at
 from launcher.measure import COUNTER, now_s, peak_memory_bytes, synchronize
 from launcher.run import Run
@@ -48,7 +47,7 @@ def accumulate(run: Run, batches: list[dict[str, torch.Tensor]], scales: list[fl
     model, device, task = run.state.model, run.accelerator.device, run.task
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch, scale, sync in zip(batches, scales, syncs, strict=True):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = batch.pop("labels")
         with run.strategy.sync(model, sync), COUNTER.round():
             loss = summed_loss(model(**batch).logits, labels, task)
@@ -66,20 +65,13 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
     for group in run.state.optimizer.param_groups:
         group["lr"] = lr
 
-    window = run.order.window(step)
-    batches = [
-        run.dataset.collate(
-            micro_batch_ids(window, batch_plan, acc.process_index, m), batch_plan.micro_batch_size, window[0]
-        )
-        for m in range(batch_plan.accum_steps)
-    ]
-    local_items = [count_items(b["labels"], run.task) for b in batches]
-    # The divisor must be known before the first backward: it is the whole window's count, over all ranks.
-    with COUNTER.scalar():
-        (global_items,) = all_reduce_sum(acc, [float(sum(local_items))])
-    scales = micro_step_scales(local_items, int(global_items), batch_plan.world_size, cfg.batch.loss_normalization)
-    syncs = [cfg.batch.sync == "every_step" or m == batch_plan.accum_steps - 1 for m in range(len(batches))]
-    local_loss = accumulate(run, batches, scales, syncs)
+    # The divisor must be known before the first backward: the whole window's item count, over every rank,
+    # which each rank counts itself from the window's samples.
+    window = run.feeder.window(step, run.plan.max_steps)
+    global_items = window.global_items
+    scales = micro_step_scales(window.local_items, global_items, batch_plan.world_size, cfg.batch.loss_normalization)
+    syncs = [cfg.batch.sync == "every_step" or m == batch_plan.accum_steps - 1 for m in range(len(window.batches))]
+    local_loss = accumulate(run, window.batches, scales, syncs)
 
     # Clip once per optimizer step, on the synced gradients; with clipping off the norm is still logged.
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -95,11 +87,11 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
     sent = COUNTER.since(traffic)
     record = StepRecord(
         step=step + 1,
-        loss=verdict.loss_sum / max(global_items, 1.0),
+        loss=verdict.loss_sum / max(global_items, 1),
         lr=lr,
         grad_norm=grad_norm,
-        items=int(global_items),
-        samples=len(window),
+        items=global_items,
+        samples=window.samples,
         step_time_s=now_s() - started,
         sync_rounds=sent.rounds,
         allreduce_calls=sent.gradient_calls,

@@ -13,9 +13,10 @@ from launcher.batching import SampleOrder
 from launcher.builtin import LM
 from launcher.config import Config
 from launcher.data import build_datasets
+from launcher.data.feed import WindowFeeder
 from launcher.evaluate import Evaluator
 from launcher.lr import ResolvedOptim
-from launcher.models import build_model
+from launcher.models import build_model, model_spec
 from launcher.parallel import strategy_for
 from launcher.plan import RunPlan
 from launcher.run import Run
@@ -47,19 +48,21 @@ def build(
     """The run, prepared for the launch (same seed: same initial weights) and restored from ``resume``; returns
     it with a note on what the resume restored."""
     set_seed(cfg.run.seed)
-    bundle = build_model(cfg.model, cfg.data.seq_len, DTYPES[cfg.run.dtype])
-    # Each machine's first process tokenizes (and fills the cache); the others then read the cache.
+    spec = model_spec(cfg.model)  # the tokenizer and what the architecture says of the task: no weights yet
+    # Each machine's first process tokenizes (and fills the token store); the others then map the store. The
+    # task and the classes of a base model come from the data, so labels are checked before any weight loads.
     with distributed.local_main_first(accelerator):
-        data = build_datasets(cfg.data, cfg.eval, bundle, cfg.run.seed, cfg.model.num_labels)
+        data = build_datasets(cfg.data, cfg.eval, cfg.model, spec, cfg.run.seed)
     plan = plan.with_train_samples(len(data.train))
     if resume is not None:
         checkpoint.check_step(resume, plan.max_steps)
-    batchnorm.check_micro_batch(cfg.model.name, plan.batch.micro_batch_size, bundle.model)  # hf: models too
+    positions = cfg.data.seq_len + (1 if data.layout == "blocks" else 0)
+    model = build_model(spec, data.task, data.num_labels, positions, DTYPES[cfg.run.dtype])
+    batchnorm.check_micro_batch(cfg.model.name, plan.batch.micro_batch_size, model)  # hf: models too
     # DDP's default broadcast_buffers=True copies rank 0's buffers to every rank at the first forward after
     # each synced backward (once per optimizer step). With SyncBatchNorm every rank computes the same running
     # statistics, so the copy changes nothing; with plain BatchNorm it discards the other ranks' updates: the
     # running statistics (used in eval, saved from rank 0) follow rank 0's micro-batches alone.
-    model = bundle.model
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
         # Before prepare(): DDP must wrap, and register the buffers of, the layers that will run.
         model = batchnorm.convert_sync_batchnorm(model, cuda=accelerator.device.type == "cuda")
@@ -75,7 +78,7 @@ def build(
     evaluator = None
     if data.eval is not None:
         eval_batch = cfg.eval.batch_size or plan.batch.micro_batch_size
-        evaluator = Evaluator(accelerator, data.eval, eval_batch, bundle.task)
+        evaluator = Evaluator(accelerator, data.eval, eval_batch, data.task)
     run = Run(
         cfg=cfg,
         plan=plan,
@@ -83,10 +86,20 @@ def build(
         strategy=strategy,
         state=state,
         dataset=data.train,
-        order=SampleOrder(len(data.train), plan.batch.global_batch_size, cfg.run.seed),
-        task=bundle.task,
+        feeder=WindowFeeder(
+            data.train,
+            SampleOrder(
+                len(data.train), plan.batch.global_batch_size, cfg.run.seed, cfg.batch.window_order == "reversed"
+            ),
+            plan.batch,
+            accelerator.process_index,
+            data.task,
+            pin=accelerator.device.type == "cuda",
+        ),
+        task=data.task,
         folder=folder,
-        data_info=DataInfo(**data.info),
+        data_info=DataInfo(**data.info, layout=data.layout),
+        num_labels=data.num_labels,
         evaluator=evaluator,
         stop_requested=stop_requested,
         resumed_from_step=state.step,
@@ -99,15 +112,19 @@ def describe(run: Run) -> str:
     cfg, plan = run.cfg, run.plan
     line = f"plan: {plan.batch.describe()} samples/step"
     if run.task == LM:
-        mean_targets = sum(len(e) - 1 for e in run.dataset.examples) / len(run.dataset)
-        line += f" (~{mean_targets * plan.batch.global_batch_size:,.0f} tokens/step)"
+        line += f" (~{(run.dataset.mean_length - 1) * plan.batch.global_batch_size:,.0f} tokens/step)"
     per_epoch = f"{plan.steps_per_epoch} steps/epoch"
     if plan.max_epochs > 0:
         per_epoch = f"run.max_epochs={plan.max_epochs:g} x {per_epoch}, rounded up"
+    info = run.data_info
+    what = "blocks" if info.layout == "blocks" else "rows"
     return (
         f"{line}\n      backend={distributed.backend_name()} device={run.accelerator.device} dtype={cfg.run.dtype} "
         f"precision={cfg.precision} sync={cfg.batch.sync} loss_normalization={cfg.batch.loss_normalization}\n"
         f"      steps={plan.max_steps} ({per_epoch}) samples={len(run.dataset)} "
-        f"eval_samples={run.data_info.eval_samples} tokenized_cache={run.data_info.tokenized_cache}\n"
-        f"      {plan.optim.describe()}"
+        f"eval_samples={info.eval_samples} tokenized_cache={info.tokenized_cache}\n"
+        f"      data: {info.rows_used} of {info.source_rows} {what} used, {info.truncated_rows} cut at "
+        f"data.seq_len={cfg.data.seq_len}, task={run.task}"
+        + (f" with {run.num_labels} classes" if run.num_labels else "")
+        + f"\n      {plan.optim.describe()}"
     )

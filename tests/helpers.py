@@ -18,7 +18,7 @@ import yaml
 
 from launcher.compare.judge import rel_l2  # noqa: F401 - shared with the test modules
 from launcher.compare.results import read_comparison
-from launcher.launch import REPO, TRAIN_SCRIPT, Job, LaunchOutcome, accelerate_command, launch_env
+from launcher.launch import REPO, Job, LaunchOutcome, job_commands, launch_env
 from launcher.rundir import read_run  # noqa: F401 - shared with the test modules
 
 TRAIN = "launcher/train.py"
@@ -40,7 +40,7 @@ def launch(
 def start(tmp_path: Path, nproc: int, *args: str, config: str = TINY_LM, env: dict | None = None) -> Job:
     """Start the trainer without waiting, in its own session so that a test can signal or kill the whole group;
     its output goes to tmp_path/launch.log, readable while it runs."""
-    base = [sys.executable, str(TRAIN_SCRIPT)] if nproc == 1 else accelerate_command(nproc)
+    (base,) = job_commands(nproc)
     command = [*base, "--config", config, *args]
     return Job([command], [tmp_path / "launch.log"], {**launch_env(tmp_path / "tmp"), **(env or {})}).start()
 

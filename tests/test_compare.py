@@ -13,13 +13,21 @@ import torch
 from torch import nn
 
 from launcher.compare import preflight as preflight_module
-from launcher.compare.config import load_compare_config
-from launcher.compare.judge import failure_lines, loss_agreement, verdict, weights_agreement
+from launcher.compare.config import ToleranceConfig, load_compare_config
+from launcher.compare.judge import failure_lines, loss_agreement, verdict, weights_agreement, within
 from launcher.compare.modes import plan_modes
 from launcher.compare.preflight import batch_norm_layers, preflight
 from launcher.compare.report import markdown, write_all
 from launcher.compare.report.tables import cost_header, headline
-from launcher.compare.results import AGREES, DISAGREES, read_comparison
+from launcher.compare.results import (
+    AGREES,
+    AGREES_DESPITE,
+    BY_TOLERANCE,
+    DISAGREES,
+    Agreement,
+    Floor,
+    read_comparison,
+)
 from launcher.launch import REPO, LaunchOutcome, Machine, accelerate_command, launch_env
 from tests.helpers import (
     alive,
@@ -133,12 +141,29 @@ def test_weights_agreement_by_hand():
         weights_agreement({"v": torch.zeros(2)}, ref)
 
 
-def test_loss_agreement_and_verdicts():
+def test_loss_agreement_and_the_rules(tmp_path):
     assert loss_agreement([1.0, 2.0], [1.0, 1.5])["loss_max_abs_diff"] == pytest.approx(0.5)
     assert loss_agreement([1.0], [1.0, 1.5])["loss_deviation"] is None  # other step counts: not the same data
-    assert verdict("equal", 1e-12, 1e-10, False) == (AGREES, True)
-    assert verdict("equal", 1e-9, 1e-10, False) == (DISAGREES, False)
-    assert verdict("differ", 1e-12, 1e-10, False)[1] and verdict("sweep", 1.0, 1e-10, False)[1]
+    tolerance = ToleranceConfig()
+
+    def agreement(rel: float, floor_ratio: float | None = None, loss_ratio: float | None = None) -> Agreement:
+        return Agreement(0.0, 0.0, [], 0.0, rel, 1.0, 0.0, floor_ratio=floor_ratio, loss_floor_ratio=loss_ratio)
+
+    floor = Floor("floor_control", "", 1e-5, 1e-6, 1e-7, 10.0, 1e-4)
+    assert within(agreement(1e-12), floor, {"float64"}, tolerance)  # exact is exact, whatever the floor
+    assert not within(agreement(1e-9), floor, {"float64"}, tolerance)
+    assert within(agreement(1e-3, 3.0, 2.0), floor, {"float32"}, tolerance)  # bf16-sized, within the floor
+    assert not within(agreement(1e-6, 3.0, 40.0), floor, {"float32"}, tolerance)  # its loss gap gives it away
+    judged = agreement(1e-4)  # no floor: the fixed tolerance, 5e-5 of the weights' norm
+    assert not within(judged, None, {"float32"}, tolerance) and judged.judged_by == BY_TOLERANCE
+    config = write_compare_config(tmp_path, MODES, COMMON)
+    assert not any(pm.is_control for pm in plan_modes(load_compare_config(config)))  # float64: the exact rule
+    planned = {pm.name: pm for pm in plan_modes(load_compare_config(config, ["overrides.run.dtype=float32"]))}
+    assert planned["ddp_accum_2x2"].is_reference and planned["floor_control"].is_control
+    assert verdict(planned["accum_1x4"], True) == (AGREES, True)
+    assert verdict(planned["accum_1x4"], False) == (DISAGREES, False)
+    assert verdict(planned["wrong_lr"], True) == (AGREES_DESPITE, True)  # optim.lr changed: never silently
+    assert verdict(planned["mean_1x4"], True)[1] and verdict(planned["mean_1x4"], False)[1]
 
 
 def test_the_report_renders_from_compare_json_alone(tmp_path):

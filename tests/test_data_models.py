@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launcher.config import ModelConfig
-from launcher.models import build_model
+from launcher.models import build_model, model_spec
 from tests.helpers import assert_one_error_line, make_text, read_run, run_ok, save_tiny_pretrained_lm, train_in_process
 
 
@@ -25,7 +25,6 @@ def test_csv_classification_under_two_processes(tmp_path):
         f"data.name={csv}",
         "data.text_column=sentence",
         "data.label_column=sentiment",
-        "data.num_samples=0",
         "run.max_steps=4",
         "batch.global_batch_size=8",
         "batch.micro_batch_size=2",
@@ -77,8 +76,9 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
 def test_dropout_sets_every_dropout(name):
-    bundle = build_model(ModelConfig(name=name, dropout=0.3), max_positions=16, dtype=torch.float32)
-    dropouts = [m.p for m in bundle.model.modules() if isinstance(m, torch.nn.Dropout)]
+    spec = model_spec(ModelConfig(name=name, dropout=0.3))
+    model = build_model(spec, spec.task, 2, max_positions=16, dtype=torch.float32)
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.3 for p in dropouts)
-    probs = {k: v for k, v in vars(bundle.model.config).items() if isinstance(v, float) and "drop" in k}
+    probs = {k: v for k, v in vars(model.config).items() if isinstance(v, float) and "drop" in k}
     assert probs and all(v == 0.3 for v in probs.values()), probs

@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from launcher.builtin import CLS
-from launcher.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
-from launcher.data import build_datasets, carve, label_ids
+from launcher.config import load_config
+from launcher.data.store import HIT, MISS
 from launcher.evaluate import accuracy, macro_f1
-from launcher.models import ByteTokenizer, ModelBundle, build_model
-from launcher.tokencache import HIT, MISS, OFF
 from tests.helpers import (
-    FILLER,
-    SPECIAL,
-    TOPICS,
     assert_one_error_line,
     pair_rows,
     read_run,
@@ -41,7 +34,6 @@ def finetuned(tmp_path_factory):
         f"data.name={tmp / 'train.csv'}",
         "data.text_column=sentence1",
         "data.text_pair_column=sentence2",
-        "data.num_samples=0",
         "data.seq_len=24",
         f"data.cache_dir={tmp / 'cache'}",
         f"eval.file={tmp / 'eval.csv'}",
@@ -117,92 +109,3 @@ def test_macro_f1_by_hand():
     assert accuracy(labels, predictions) == pytest.approx(4 / 6)
     # A class only predicted (never a label) counts too, as scikit-learn counts it.
     assert macro_f1([0, 0], [0, 1]) == pytest.approx((2 / 3 + 0) / 2)
-
-
-def test_carve_is_seeded_and_disjoint():
-    train, held = carve(50, 0.2, seed=3)
-    assert len(held) == 10 and not set(train) & set(held) and sorted(train + held) == list(range(50))
-    assert train == sorted(train) and held == sorted(held)
-    assert carve(50, 0.2, seed=3) == (train, held)
-    assert carve(50, 0.2, seed=4)[1] != held
-
-
-def test_byte_tokenizer_pair_encoding():
-    tok = ByteTokenizer()
-    encoded = tok.encode(["ab", "xyz"], ["c", "uvw"], max_length=6)
-    bos = tok.bos_token_id
-    assert encoded["input_ids"] == [[bos, 97, 98, bos, 99], [bos, 120, 121, 122, bos, 117]]
-    assert tok.encode(["ab"], None, max_length=8)["input_ids"] == [[bos, 97, 98]]
-
-
-def test_hf_pair_encoding_carries_segment_ids(tmp_path):
-    save_tiny_pretrained_bert(tmp_path / "bert")
-    bundle = build_model(ModelConfig(name=f"hf:{tmp_path / 'bert'}"), 64, torch.float32)
-    encoded = bundle.encode(["the apple", "a river"], ["old apple", "red castle near"], 7)
-    vocab = {word: i for i, word in enumerate(SPECIAL + TOPICS + FILLER)}
-    ids = [vocab[w] for w in "[CLS] the apple [SEP] old apple [SEP]".split()]
-    assert encoded["input_ids"][0] == ids
-    assert encoded["token_type_ids"][0] == [0, 0, 0, 0, 1, 1, 1]  # segment 0: the first text, 1: the second
-    assert len(encoded["input_ids"][1]) == 7  # truncated from 8
-    assert bundle.encode(["a"], None, 8).get("token_type_ids") is None
-
-
-def byte_bundle() -> ModelBundle:
-    """What the datasets need of a classifier with the built-in byte tokenizer (no model)."""
-    tok = ByteTokenizer()
-    return ModelBundle(None, CLS, tok.vocab_size, tok.pad_token_id, tok.encode, tok.fingerprint)
-
-
-def test_string_labels_map_alike_in_train_and_eval(tmp_path):
-    (tmp_path / "train.csv").write_text("text,label\na,no\nb,yes\nc,maybe\n")
-    (tmp_path / "eval.csv").write_text("text,label\nd,yes\ne,yes\n")
-    data = DataConfig(name=str(tmp_path / "train.csv"), num_samples=0, cache_dir="none")
-    sets = build_datasets(data, EvalConfig(file=str(tmp_path / "eval.csv")), byte_bundle(), 0, 3)
-    assert sets.info["label_names"] == ["maybe", "no", "yes"]
-    assert sets.train.labels == [1, 2, 0] and sets.eval.labels == [2, 2]
-    assert sets.info["tokenized_cache"] == OFF
-    assert label_ids([[1, 0], [1]]) == ([[1, 0], [1]], None)
-
-
-def test_fraction_carves_synthetic_and_file_data(tmp_path):
-    data = DataConfig(name="synthetic-cls", num_samples=40)
-    sets = build_datasets(data, EvalConfig(fraction=0.25, num_samples=7), byte_bundle(), 0, 2)
-    assert (len(sets.train), len(sets.eval)) == (30, 7)
-    assert sets.info["tokenized_cache"] == OFF
-    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)))
-    data = DataConfig(name=str(tmp_path / "t.csv"), num_samples=12, cache_dir=str(tmp_path / "cache"))
-    sets = build_datasets(data, EvalConfig(fraction=0.2), byte_bundle(), 0, 2)
-    # 4 rows carved out of all 20; data.num_samples caps the 16 left.
-    assert (len(sets.train), len(sets.eval), sets.info["tokenized_cache"]) == (12, 4, MISS)
-    eval_texts = {bytes(e[1:]).decode() for e in sets.eval.examples}
-    assert not eval_texts & {bytes(e[1:]).decode() for e in sets.train.examples}
-    again = build_datasets(data, EvalConfig(fraction=0.2), byte_bundle(), 0, 2)
-    assert again.info["tokenized_cache"] == HIT and again.train.examples == sets.train.examples
-
-
-def test_changed_file_misses_the_cache(tmp_path):
-    csv = tmp_path / "t.csv"
-    csv.write_text("text,label\nab,0\ncd,1\n")
-    data = DataConfig(name=str(csv), cache_dir=str(tmp_path / "cache"))
-    assert build_datasets(data, EvalConfig(), byte_bundle(), 0, 2).info["tokenized_cache"] == MISS
-    csv.write_text("text,label\nab,0\nce,1\n")  # same size: the mtime_ns tells
-    changed = build_datasets(data, EvalConfig(), byte_bundle(), 0, 2)
-    assert changed.info["tokenized_cache"] == MISS and changed.train.examples[1][1:] == list(b"ce")
-
-
-@pytest.mark.parametrize(
-    ("data_name", "evaluation", "words"),
-    [
-        ("synthetic-cls", EvalConfig(split="validation"), ("eval.split='validation'", "generated", "eval.fraction")),
-        ("file", EvalConfig(split="validation"), ("eval.split='validation'", "is a file", "eval.file")),
-        ("synthetic-cls", EvalConfig(fraction=0.01), ("eval.fraction=0.01", "empty eval set")),
-    ],
-)
-def test_eval_source_errors(tmp_path, data_name, evaluation, words):
-    if data_name == "file":
-        data_name = str(tmp_path / "t.csv")
-        (tmp_path / "t.csv").write_text("text,label\nab,0\n")
-    with pytest.raises(ConfigError) as err:
-        build_datasets(DataConfig(name=data_name, num_samples=20), evaluation, byte_bundle(), 0, 2)
-    message = str(err.value)
-    assert "\n" not in message and all(w in message for w in words), message

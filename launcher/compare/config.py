@@ -10,6 +10,8 @@ from typing import Any
 from launcher.config import Section, apply_overrides, build_section, check, option, read_yaml
 
 EQUAL, DIFFER, SWEEP = "equal", "differ", "sweep"
+CONTROL = "floor_control"  # the name of the control mode (another name if a mode already has it)
+MULTIPLE = 10.0
 MODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
 
 
@@ -52,12 +54,30 @@ class ModeConfig(Section):
 class ToleranceConfig(Section):
     float64: float = option(1e-10, "largest relative L2 distance of final weights that counts as equal, float64")
     # 10 x the largest distance measured between float32 splits of the tiny LM: 4.7e-6 over 3 seeds x 4
-    # splits, AdamW, 30 steps (docs/float32_floor.md). A real error is orders above: mean normalization ~1e-1.
-    float32: float = option(5e-5, "the same for float32 runs: 10 x the measured floor (docs/float32_floor.md)")
+    # splits, AdamW, 30 steps (docs/verdict.md). Used only where no floor is measured (floor.control=false).
+    float32: float = option(5e-5, "the same for float32 and mixed-precision runs when no floor is measured")
 
     def check(self) -> None:
         for dtype in ("float64", "float32"):
             check(getattr(self, dtype) > 0, dtype, getattr(self, dtype), "must be > 0")
+
+
+@dataclass(frozen=True)
+class FloorConfig(Section):
+    control: bool = option(
+        True,
+        "run one control launch: the reference with each step's samples in reverse order, the same training in "
+        "exact arithmetic with other rounding; its distance from the reference is this comparison's floor",
+    )
+    # Measured on the tiny LM and a pretrained MiniLM, float32 and bf16 (docs/verdict.md).
+    multiple: float = option(
+        MULTIPLE,
+        "an equal mode agrees when its distance relative to the update, and its largest loss gap, are within "
+        "this multiple of the control's",
+    )
+
+    def check(self) -> None:
+        check(self.multiple >= 1, "multiple", self.multiple, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class CompareConfig(Section):
     )
     modes: dict[str, ModeConfig] = field(default_factory=dict, metadata={"help": "name -> mode, in run order"})
     tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+    floor: FloorConfig = field(default_factory=FloorConfig)
 
     @property
     def reference_name(self) -> str:

@@ -9,13 +9,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from launcher.compare.config import DIFFER, EQUAL, SWEEP, CompareConfig, ToleranceConfig
 from launcher.compare.modes import PlannedMode
 from launcher.compare.results import (
     AGREES,
+    AGREES_DESPITE,
     AGREES_UNEXPECTEDLY,
+    BY_FLOAT64,
+    BY_FLOOR,
+    BY_TOLERANCE,
+    CONTROL_VERDICT,
     DIFFERS,
     DISAGREES,
     FAILED,
@@ -26,12 +32,13 @@ from launcher.compare.results import (
     Agreement,
     Comparison,
     Cost,
+    Floor,
     ModeResult,
     PlanInfo,
 )
 from launcher.launch import LaunchOutcome
 from launcher.records import to_json
-from launcher.rundir import FinishedRun, RunSummary, read_run
+from launcher.rundir import INITIAL_WEIGHTS, FinishedRun, RunDir, RunSummary, read_run
 
 
 def weights_agreement(weights: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
@@ -111,20 +118,50 @@ def tolerance_for(dtypes: set[str], tolerance: ToleranceConfig) -> float:
     return tolerance.float32 if "float32" in dtypes else tolerance.float64
 
 
-def verdict(expect: str, rel_l2: float, tol: float, is_reference: bool) -> tuple[str, bool]:
+def l2_distance(weights: dict[str, Any], reference: dict[str, Any]) -> float:
+    """||w - w_ref|| over the floating-point tensors, in float64."""
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            delta = weights[key].double() - ref.double()
+            total += float((delta * delta).sum())
+    return math.sqrt(total)
+
+
+def within(agreement: Agreement, floor: Floor | None, dtypes: set[str], tolerance: ToleranceConfig) -> bool:
+    """Whether a mode's run is the reference's training, up to rounding; sets ``agreement.judged_by``.
+
+    float64: exact is exact, relative L2 <= tolerance.float64. Otherwise, with a measured floor: the distance
+    relative to the update and the largest loss gap within floor.multiple of the control's. Without one: the
+    fixed float32 tolerance.
+    """
+    if dtypes == {"float64"}:
+        agreement.judged_by = BY_FLOAT64
+        return agreement.weights_rel_l2 <= tolerance.float64
+    if floor is not None and floor.update_rel_l2 and agreement.floor_ratio is not None:
+        agreement.judged_by = BY_FLOOR
+        loss_ok = agreement.loss_floor_ratio is None or agreement.loss_floor_ratio <= floor.multiple
+        return agreement.floor_ratio <= floor.multiple and loss_ok
+    agreement.judged_by = BY_TOLERANCE
+    return agreement.weights_rel_l2 <= tolerance.float32
+
+
+def verdict(pm: PlannedMode, agrees: bool) -> tuple[str, bool]:
     """(words for the report, whether the comparison passes on this mode)."""
-    if is_reference:
+    if pm.is_reference:
         return REFERENCE, True
-    if expect == SWEEP:  # another setting on purpose: its distance is shown, not judged
+    if pm.is_control:
+        return CONTROL_VERDICT, True
+    if pm.mode.expect == SWEEP:  # another setting on purpose: its distance is shown, not judged
         return SWEPT, True
-    within = rel_l2 <= tol
-    if expect == EQUAL:
-        return (AGREES if within else DISAGREES), within
+    if pm.mode.expect == EQUAL:
+        # A mode that changes more than the split never agrees silently: the change is named.
+        return (AGREES_DESPITE if pm.changed else AGREES) if agrees else DISAGREES, agrees
     # A baseline never fails the comparison: it is there to show its deviation.
-    return (DIFFERS if not within else AGREES_UNEXPECTEDLY), True
+    return (DIFFERS if not agrees else AGREES_UNEXPECTEDLY), True
 
 
-def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | None, is_reference: bool) -> ModeResult:
+def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | None) -> ModeResult:
     """A mode's result before it is judged: what it was, and what its run recorded."""
     summary = run.summary if run else None
     return ModeResult(
@@ -132,7 +169,9 @@ def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | Non
         description=pm.mode.description,
         expect=pm.mode.expect,
         baseline=pm.mode.baseline or pm.mode.expect == DIFFER,
-        is_reference=is_reference,
+        is_reference=pm.is_reference,
+        is_control=pm.is_control,
+        changed=list(pm.changed),
         num_processes=pm.mode.num_processes,
         num_machines=pm.mode.num_machines,
         launch=pm.label,
@@ -160,11 +199,48 @@ def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | Non
     )
 
 
+@dataclass
+class _Reference:
+    """The reference run, with what judging needs of it: its initial weights' distance from its final ones."""
+
+    run: FinishedRun
+    update_norm: float | None  # ||w_ref - w_init||; None without the initial weights
+
+
+def _agreement(run: FinishedRun, ref: _Reference, tolerance: float) -> Agreement:
+    """Raises ValueError when the two models' tensors differ."""
+    weights = weights_agreement(run.weights, ref.run.weights)
+    agreement = Agreement(**loss_agreement(run.losses, ref.run.losses), **weights, tolerance_rel_l2=tolerance)
+    if ref.update_norm:
+        agreement.update_rel_l2 = l2_distance(run.weights, ref.run.weights) / ref.update_norm
+    return agreement
+
+
+def measure_floor(control: FinishedRun, ref: _Reference, multiple: float, name: str) -> Floor:
+    """The control's distance from the reference: what rounding alone does to this model, precision, data and
+    number of steps."""
+    agreement = _agreement(control, ref, 0.0)
+    band = None
+    if agreement.loss_deviation:
+        band = [multiple * m for m in itertools.accumulate((abs(d) for d in agreement.loss_deviation), max)]
+    update = agreement.update_rel_l2
+    return Floor(
+        control=name,
+        how="the reference with the samples of every optimizer step in reverse order (batch.window_order=reversed): "
+        "the same training in exact arithmetic, summed in another order",
+        update_rel_l2=update,
+        weights_rel_l2=agreement.weights_rel_l2,
+        loss_max_abs_diff=agreement.loss_max_abs_diff,
+        multiple=multiple,
+        detectable_update_share=multiple * update if update is not None else None,
+        loss_band=band,
+    )
+
+
 def judge(
     cfg: CompareConfig, planned: list[PlannedMode], outcomes: dict[str, LaunchOutcome], warnings: list[str]
 ) -> Comparison:
     """Every figure of the comparison, per mode, read from the runs' files (what compare.json holds)."""
-    ref_name = cfg.reference_name
     runs: dict[str, FinishedRun] = {}
     read_errors: dict[str, str] = {}
     for pm in planned:
@@ -173,77 +249,107 @@ def judge(
                 runs[pm.name] = read_run(pm.run_dir)
             except (OSError, ValueError, TypeError, KeyError) as err:
                 read_errors[pm.name] = f"could not read its results: {err}"
-    ref_run = runs.get(ref_name)
+    reference = next(pm for pm in planned if pm.is_reference)
+    ref = None
+    if reference.name in runs:
+        init = reference.run_dir / INITIAL_WEIGHTS
+        ref_run = runs[reference.name]
+        ref = _Reference(
+            ref_run,
+            l2_distance(ref_run.weights, RunDir(reference.run_dir).read_weights(INITIAL_WEIGHTS))
+            if init.is_file()
+            else None,
+        )
+    control = next((pm for pm in planned if pm.is_control), None)
+    floor = None
+    if ref is not None and control is not None and control.name in runs:
+        floor = measure_floor(runs[control.name], ref, cfg.floor.multiple, control.name)
     modes = []
     for pm in planned:
-        outcome, run = outcomes[pm.name], runs.get(pm.name)
-        entry = _mode_result(pm, outcome, run, pm.name == ref_name)
+        outcome = outcomes[pm.name]
+        run = runs.get(pm.name)
+        entry = _mode_result(pm, outcome, run)
         if run is None:
             entry.error = read_errors.get(pm.name) or outcome.reason()
             entry.log_tail = outcome.log_tail()
             # A sweep never fails the comparison: a setting that diverges is a result too (shown, with its log).
             entry.verdict, entry.ok = FAILED, pm.mode.expect == SWEEP
         else:
-            entry.cost = cost_of(run.summary, ref_run.summary if ref_run else None)
-            if ref_run is None:
+            entry.cost = cost_of(run.summary, ref.run.summary if ref else None)
+            if ref is None:
                 entry.verdict, entry.ok = NOT_JUDGED, pm.mode.expect != EQUAL
             else:
-                _judge_against(entry, pm, run, ref_run, cfg.tolerance)
+                _judge_against(entry, pm, run, ref, floor, cfg.tolerance)
         modes.append(entry)
     first = next(iter(runs.values()), None)
     return Comparison(
         base=cfg.base,
         output_dir=cfg.output_dir,
-        reference=ref_name,
+        reference=reference.name,
         tolerance=to_json(cfg.tolerance),
         task=first.summary.task if first else None,
         steps=first.summary.steps if first else None,
-        global_batch_size=planned[0].plan.batch.global_batch_size,
+        global_batch_size=reference.plan.batch.global_batch_size,
         warnings=warnings,
         modes=modes,
         failed=[m.name for m in modes if not m.ok],
         ok=all(m.ok for m in modes),
         versions=first.summary.versions if first else None,
         config=to_json(cfg),
+        floor=floor,
     )
 
 
 def _judge_against(
-    entry: ModeResult, pm: PlannedMode, run: FinishedRun, ref_run: FinishedRun, tolerance: ToleranceConfig
+    entry: ModeResult,
+    pm: PlannedMode,
+    run: FinishedRun,
+    ref: _Reference,
+    floor: Floor | None,
+    tolerance: ToleranceConfig,
 ) -> None:
     """Fill ``entry``'s agreement with the reference run and its verdict."""
-    tol = tolerance_for({pm.train.run.dtype, ref_run.summary.dtype}, tolerance)
+    dtypes = {pm.train.run.dtype, ref.run.summary.dtype}
     try:
-        weights = weights_agreement(run.weights, ref_run.weights)
+        agreement = _agreement(run, ref, tolerance_for(dtypes, tolerance))
     except ValueError as err:
         entry.error = f"cannot be compared with the reference: {err}"
         entry.verdict, entry.ok = NOT_COMPARABLE, pm.mode.expect != EQUAL
         return
-    entry.agreement = Agreement(**loss_agreement(entry.losses, ref_run.losses), **weights, tolerance_rel_l2=tol)
+    entry.agreement = agreement
     if entry.batch_norm:
         # The running statistics move with every forward's statistics; what training did to the parameters
         # alone is the other half of the story.
-        entry.agreement.parameters_rel_l2 = rel_l2(
-            without_running_stats(run.weights), without_running_stats(ref_run.weights)
-        )
-    if pm.mode.expect == EQUAL and len(entry.losses) != len(ref_run.losses):
+        agreement.parameters_rel_l2 = rel_l2(without_running_stats(run.weights), without_running_stats(ref.run.weights))
+    if floor is not None and floor.update_rel_l2 and agreement.update_rel_l2 is not None:
+        agreement.floor_ratio = agreement.update_rel_l2 / floor.update_rel_l2
+    if floor is not None and floor.loss_max_abs_diff and agreement.loss_max_abs_diff is not None:
+        agreement.loss_floor_ratio = agreement.loss_max_abs_diff / floor.loss_max_abs_diff
+    if pm.mode.expect == EQUAL and len(entry.losses) != len(ref.run.losses):
         # Another number of optimizer steps is another training, whatever its weights say.
         entry.error = (
-            f"cannot be compared with the reference: {len(entry.losses)} optimizer steps vs {len(ref_run.losses)}"
+            f"cannot be compared with the reference: {len(entry.losses)} optimizer steps vs {len(ref.run.losses)}"
         )
         entry.verdict, entry.ok = NOT_COMPARABLE, False
         return
-    entry.verdict, entry.ok = verdict(pm.mode.expect, weights["weights_rel_l2"], tol, entry.is_reference)
+    entry.verdict, entry.ok = verdict(pm, within(agreement, floor, dtypes, tolerance))
 
 
 def failure_lines(result: Comparison) -> list[str]:
-    """One line per mode that makes the comparison fail, naming it and the number that decided."""
+    """One line per mode that makes the comparison fail, naming it and the numbers that decided."""
     lines = []
     for m in result.modes:
         if m.ok:
             continue
-        if m.verdict == DISAGREES:
-            a = m.agreement
+        a = m.agreement
+        if m.verdict == DISAGREES and a.judged_by == BY_FLOOR:
+            loss = "" if a.loss_floor_ratio is None else f", its largest loss gap {a.loss_floor_ratio:.3g}x"
+            lines.append(
+                f"mode {m.name!r} is expected to equal {result.reference!r} but its final weights are "
+                f"{a.update_rel_l2:.3e} of the update away, {a.floor_ratio:.3g}x the floor{loss} "
+                f"(floor.multiple={result.floor.multiple:g}, floor measured by {result.floor.control!r})"
+            )
+        elif m.verdict == DISAGREES:
             lines.append(
                 f"mode {m.name!r} is expected to equal {result.reference!r} but its final weights are "
                 f"{a.weights_rel_l2:.3e} away (relative L2; tolerance {a.tolerance_rel_l2:.0e})"

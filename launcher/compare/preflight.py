@@ -15,24 +15,8 @@ from launcher.batchnorm import convert_sync_batchnorm, samples_per_statistic
 from launcher.builtin import BATCH_NORM_MODELS, BUILTIN_TASKS, SYNTHETIC_TASKS
 from launcher.compare.config import EQUAL
 from launcher.compare.modes import PlannedMode
-from launcher.config import Config, flatten
-from launcher.models import build_model, pretrained_config
-
-# Keys a mode may change and still be expected to train the same model: how the global batch is split,
-# how often it syncs (SyncBatchNorm changes how BatchNorm's statistics are computed over the split, not the
-# model), and where it writes. Anything else that differs from the reference is flagged.
-SPLIT_KEYS = frozenset(
-    {
-        "batch.micro_batch_size",
-        "batch.accum_steps",
-        "batch.sync",
-        "model.sync_batchnorm",
-        "run.output_dir",
-        "run.overwrite",
-        "run.log_every_steps",
-        "run.expected_world_size",
-    }
-)
+from launcher.config import Config
+from launcher.models import build_model, model_spec, pretrained_config
 
 
 def known_task(train: Config) -> str | None:
@@ -47,6 +31,19 @@ def batch_norm_layers(model: Any) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)})
 
 
+def model_dropout(train: Config) -> float:
+    """The dropout the mode trains with: model.dropout, else the model's own (0 for the built-in models)."""
+    if train.model.dropout is not None or train.model.name in BUILTIN_TASKS:
+        return train.model.dropout or 0.0
+    try:
+        config = pretrained_config(train.model.name)
+    except (OSError, ValueError):
+        return 0.0  # the launch reports the model that cannot load
+    return max(
+        (v for k, v in vars(config).items() if isinstance(v, float) and ("dropout" in k or "pdrop" in k)), default=0.0
+    )
+
+
 def model_batch_norm(train: Config) -> list[str]:
     """BatchNorm layers of the model a mode's config names, without loading weights, as its launch will train
     them: synced when model.sync_batchnorm is set and the mode has more than one process (plan_modes sets
@@ -57,7 +54,9 @@ def model_batch_norm(train: Config) -> list[str]:
         return []
     with torch.device("meta"):  # the module tree without memory or a weights download
         if train.model.name in BUILTIN_TASKS:
-            model = build_model(train.model, train.data.seq_len, torch.float32).model
+            model = build_model(
+                model_spec(train.model), BUILTIN_TASKS[train.model.name], 2, train.data.seq_len, torch.float32
+            )
         else:
             model = AutoModel.from_config(pretrained_config(train.model.name))
     if train.model.sync_batchnorm and train.run.expected_world_size > 1:
@@ -67,8 +66,9 @@ def model_batch_norm(train: Config) -> list[str]:
 
 def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]) -> list[str]:
     train, why = pm.train, []
-    if train.model.dropout > 0:
-        why.append(f"model.dropout={train.model.dropout} > 0: each split draws different dropout masks")
+    dropout = model_dropout(train)
+    if dropout > 0:
+        why.append(f"model.dropout={dropout:g} > 0: each split draws different dropout masks")
     if train.precision != "no":
         why.append(f"precision={train.precision}: low-precision rounding differs with the micro-batch split")
     if train.batch.loss_normalization == "mean":
@@ -94,11 +94,8 @@ def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]
                 f"BatchNorm ({', '.join(bn_layers)}): statistics over {ours} samples per micro-step, the "
                 f"reference's over {theirs}: normalization changes with the split"
             )
-    if pm.mode.expect == EQUAL and pm is not reference:
-        theirs, ours = flatten(reference.train.to_dict()), flatten(train.to_dict())
-        changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if k not in SPLIT_KEYS and ours[k] != theirs[k]]
-        if changed:
-            why.append(f"changes more than the split vs reference {reference.name!r} ({'; '.join(changed)})")
+    if pm.mode.expect == EQUAL and pm.changed:
+        why.append(f"changes more than the split vs reference {reference.name!r} ({'; '.join(pm.changed)})")
     if pm.plan.batch.world_size > (os.cpu_count() or 1):
         why.append(f"{pm.plan.batch.world_size} processes on {os.cpu_count()} cores: timings are oversubscribed")
     return why

@@ -20,6 +20,13 @@ AGREES_UNEXPECTEDLY = "expected to differ, but agrees"
 FAILED = "failed"
 NOT_COMPARABLE = "not comparable"
 NOT_JUDGED = "not judged: the reference failed"
+CONTROL_VERDICT = "control (the floor)"
+AGREES_DESPITE = "agrees within noise, despite the change"
+
+# How an equal mode was judged.
+BY_FLOAT64 = "float64"  # exact arithmetic's rule: relative L2 <= tolerance.float64
+BY_FLOOR = "floor"  # within floor.multiple of the control's distance and loss gap
+BY_TOLERANCE = "tolerance"  # no floor measured: relative L2 <= tolerance.float32
 
 
 @dataclass
@@ -42,6 +49,27 @@ class Agreement:
     weights_cosine: float
     tolerance_rel_l2: float
     parameters_rel_l2: float | None = None  # without BatchNorm's running statistics, for models that have them
+    # ||w - w_ref|| / ||w_ref - w_init||: the distance as a share of what training changed (None without the
+    # reference's initial weights).
+    update_rel_l2: float | None = None
+    floor_ratio: float | None = None  # update_rel_l2 / the control's
+    loss_floor_ratio: float | None = None  # loss_max_abs_diff / the control's
+    judged_by: str = ""  # BY_FLOAT64, BY_FLOOR or BY_TOLERANCE
+
+
+@dataclass
+class Floor:
+    """The rounding floor of this comparison, measured by its control."""
+
+    control: str  # the control mode's name
+    how: str
+    update_rel_l2: float | None  # the control's distance from the reference, relative to the update
+    weights_rel_l2: float
+    loss_max_abs_diff: float | None
+    multiple: float
+    # The smallest difference this comparison can tell from rounding, as a share of what training changed.
+    detectable_update_share: float | None
+    loss_band: list[float] | None = None  # per step: multiple x the control's largest loss gap so far
 
 
 @dataclass
@@ -68,6 +96,8 @@ class ModeResult:
     expect: str
     baseline: bool
     is_reference: bool
+    is_control: bool
+    changed: list[str]  # beyond the split, vs the reference
     num_processes: int
     num_machines: int
     launch: str  # 2p x mb1 x K=8
@@ -120,6 +150,7 @@ class Comparison:
     versions: dict[str, str] | None
     config: dict[str, Any]
     threads_per_process: int = 0
+    floor: Floor | None = None  # None: no control ran (floor.control=false) or it failed
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.name == name)

@@ -51,6 +51,9 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesP
     return outcome
 
 
+NOT_RUN = "not run: the reference failed"
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -71,6 +74,12 @@ def run_comparison(cfg: CompareConfig, planned: list[PlannedMode], out: Path, th
             outcomes[pm.name] = outcome
             detail = f"{outcome.wall_s:.1f} s" if outcome.ok else outcome.reason()
             progress.finish(pm.name, outcome.ok, detail, [] if outcome.ok else outcome.log_tail())
+            if pm.is_reference and not outcome.ok:
+                # Nothing can be judged without the reference: the other modes are not run.
+                for other in planned[1:]:
+                    outcomes[other.name] = LaunchOutcome(None, 0.0, [other.run_dir / "train.log"], note=NOT_RUN)
+                    progress.finish(other.name, False, NOT_RUN)
+                break
     except KeyboardInterrupt:
         print("error: compare interrupted; its running launches were stopped", file=sys.stderr, flush=True)
         return 130

@@ -31,6 +31,13 @@ def plot_loss_curves(result: Comparison, path: Path) -> None:
         deviation = m.agreement.loss_deviation if m.agreement else None
         if deviation and not m.is_reference:
             bottom.plot(seen, [max(abs(d), ZERO_FLOOR) for d in deviation], marker=".", label=m.name, **style)
+    ref, floor = result.reference_mode, result.floor
+    if ref is not None and ref.losses and floor is not None and floor.loss_band:
+        # The floor band: how far from the reference rounding alone takes the loss, times floor.multiple.
+        low = [loss - band for loss, band in zip(ref.losses, floor.loss_band, strict=True)]
+        high = [loss + band for loss, band in zip(ref.losses, floor.loss_band, strict=True)]
+        top.fill_between(ref.samples_seen, low, high, color="0.8", alpha=0.6, label=f"floor band (x{floor.multiple:g})")
+        bottom.plot(ref.samples_seen, [max(b, ZERO_FLOOR) for b in floor.loss_band], "k:", label="floor band")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("loss")
     top.set_title(f"loss per optimizer step, by samples seen (reference: {result.reference})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from launcher.compare.config import DIFFER, EQUAL, SWEEP
-from launcher.compare.results import Comparison, ModeResult
+from launcher.compare.results import DISAGREES, Comparison, ModeResult
 
 MIB = 2**20
 
@@ -31,10 +31,33 @@ def rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-AGREEMENT_HEADER = ["mode", "launch", "expect", "loss max |Δ|", "weights max |Δ|", "rel L2", "cosine", "verdict"]
+AGREEMENT_HEADER = [
+    "mode",
+    "launch",
+    "expect",
+    "loss max |Δ|",
+    "x floor",
+    "rel L2",
+    "of update",
+    "x floor",
+    "cosine",
+    "verdict",
+]
+
+
+def ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def expectation(m: ModeResult) -> str:
+    if m.is_control:
+        return "control"
+    return m.expect + (", baseline" if m.baseline else "")
 
 
 def agreement_rows(result: Comparison) -> list[list[str]]:
+    """Per mode: the largest per-step loss gap and the weights' distance (relative to the weights and to what
+    training changed), each with its ratio to the control's, and the verdict."""
     rows = []
     for m in result.modes:
         a = m.agreement
@@ -42,15 +65,52 @@ def agreement_rows(result: Comparison) -> list[list[str]]:
             [
                 m.name,
                 m.launch,
-                m.expect + (", baseline" if m.baseline else ""),
+                expectation(m),
                 sci(a.loss_max_abs_diff if a else None),
-                sci(a.weights_max_abs_diff if a else None),
+                ratio(a.loss_floor_ratio if a else None),
                 sci(a.weights_rel_l2 if a else None),
+                sci(a.update_rel_l2 if a else None),
+                ratio(a.floor_ratio if a else None),
                 "-" if not a else f"{a.weights_cosine:.12f}",
-                m.verdict,
+                m.verdict + (f" ({'; '.join(m.changed)})" if m.changed and m.verdict != DISAGREES else ""),
             ]
         )
     return rows
+
+
+def floor_lines(result: Comparison) -> list[str]:
+    """How the verdict was reached: the rule for each dtype, the measured floor, and what it can detect."""
+    tol, floor = result.tolerance, result.floor
+    lines = [
+        f"float64 modes agree when the relative L2 distance of their final weights is at most {tol['float64']:.0e}: "
+        "exact arithmetic leaves nothing but rounding far below that."
+    ]
+    if floor is None:
+        lines.append(
+            "No rounding floor was measured (floor.control=false, or the control failed): float32 and mixed-precision "
+            f"modes were judged by the fixed tolerance {tol['float32']:.0e} of the weights' norm instead."
+        )
+        return lines
+    lines.append(
+        f"The floor of this comparison is measured by `{floor.control}`, {floor.how}. It ends "
+        f"{sci(floor.update_rel_l2)} of the update away from the reference (||w - w_ref|| / ||w_ref - w_init||; "
+        f"{sci(floor.weights_rel_l2)} of the weights' norm), with a largest per-step loss gap of "
+        f"{sci(floor.loss_max_abs_diff)}. float32 and mixed-precision modes expected `equal` agree when both their "
+        f"distance and their loss gap are within {floor.multiple:g}x the control's (the shaded band in the loss plot)."
+    )
+    share = floor.detectable_update_share
+    if share is not None:
+        lines.append(
+            f"So this comparison can tell a mode from rounding when its weights differ by more than {share:.2%} of "
+            "what training changed"
+            + (
+                "; that is most of the update: too few steps or too coarse a precision to judge agreement, which is "
+                "reported as measured rather than claimed."
+                if share >= 0.5
+                else "."
+            )
+        )
+    return lines
 
 
 def cost_header(result: Comparison) -> list[str]:
@@ -97,9 +157,10 @@ def cost_rows(result: Comparison) -> list[list[str]]:
 def lr_of(mode: ModeResult) -> str:
     """``6e-05 (linear x3)``: the resolved peak learning rate and how it was reached."""
     text = f"{mode.lr_resolved:.3g}"
-    if mode.lr_scaling == "none" or not mode.lr:
+    if not mode.lr or mode.lr_resolved == mode.lr:
         return text
-    return f"{text} ({mode.lr_scaling} x{mode.lr_resolved / mode.lr:.3g})"
+    how = mode.lr_scaling if mode.lr_scaling != "none" else "by hand"
+    return f"{text} ({how} x{mode.lr_resolved / mode.lr:.3g})"
 
 
 # The headline metric of the evaluation table per task: (eval key, column, higher is better). Macro-F1 for
@@ -179,7 +240,7 @@ def eval_note(result: Comparison) -> str:
 
 
 def headline(result: Comparison) -> str:
-    equal = [m for m in result.modes if m.expect == EQUAL and not m.is_reference]
+    equal = [m for m in result.modes if m.expect == EQUAL and not m.is_reference and not m.is_control]
     swept = [m for m in result.modes if m.expect == SWEEP]
     agreeing = [m for m in equal if m.ok]
     if not result.ok:

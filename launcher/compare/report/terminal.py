@@ -15,6 +15,7 @@ from launcher.compare.report.tables import (
     eval_header,
     eval_rows,
     findings,
+    floor_lines,
     headline,
 )
 from launcher.compare.results import Comparison
@@ -65,7 +66,7 @@ def print_result(console: Console, result: Comparison) -> None:
         _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
     )
     console.print(_table("cost (as measured by each run)", cost_header(result), cost_rows(result)))
-    for line in findings(result):
+    for line in [*findings(result), *floor_lines(result)[1:]]:
         console.print(f"- {line}", highlight=False)
     style = "green" if result.ok else "red"
     console.print(f"[{style}]{headline(result)}[/]  ->  {result.output_dir}/report.md", highlight=False)
