@@ -19,6 +19,8 @@ import numpy as np
 
 from launcher.config import ConfigError
 
+DEFAULT_GLOBAL_BATCH, DEFAULT_MICRO_BATCH = 16, 4  # the bare command's batch: K = 4 on one process
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -49,7 +51,13 @@ class BatchPlan:
 def plan_batch(
     global_batch_size: int | None, micro_batch_size: int | None, accum_steps: int | None, world_size: int
 ) -> BatchPlan:
-    """Derive the missing one of (global, micro, accum) for ``world_size`` processes."""
+    """Derive the missing one of (global, micro, accum) for ``world_size`` processes. With fewer than two set, the
+    defaults fill in: a global batch of DEFAULT_GLOBAL_BATCH, then micro batches of DEFAULT_MICRO_BATCH."""
+    if [global_batch_size, micro_batch_size, accum_steps].count(None) > 1:
+        if global_batch_size is None:
+            global_batch_size = DEFAULT_GLOBAL_BATCH
+        if micro_batch_size is None and accum_steps is None:
+            micro_batch_size = DEFAULT_MICRO_BATCH
     given = {
         "batch.global_batch_size": global_batch_size,
         "batch.micro_batch_size": micro_batch_size,

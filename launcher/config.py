@@ -84,6 +84,9 @@ class RunConfig(Section):
     dist_timeout_s: float = option(600.0, "collective timeout in seconds: a hung rank fails the job after this")
     expected_world_size: int = option(0, "refuse to start unless the launch has this many processes (0 = any)")
     checkpoint_every: int = option(0, "write a checkpoint every N optimizer steps (0 = only at the end)")
+    final_checkpoint: bool = option(
+        True, "also checkpoint after the last step (optimizer state included: what a later resume continues from)"
+    )
     keep_checkpoints: int = option(2, "complete checkpoints kept in output_dir/checkpoints; older ones are pruned")
     resume: str = option("none", "none | auto (newest complete checkpoint in output_dir, if any) | <checkpoint folder>")
     allow_batch_change: bool = option(
@@ -200,9 +203,11 @@ class EvalConfig(Section):
 
 @dataclass(frozen=True)
 class BatchConfig(Section):
-    global_batch_size: int | None = option(None, "samples per optimizer step, over all processes and micro-steps")
+    global_batch_size: int | None = option(
+        None, "samples per optimizer step, over all processes and micro-steps (set two of three; else 16, micro 4)"
+    )
     micro_batch_size: int | None = option(None, "samples per forward/backward, per process")
-    accum_steps: int | None = option(None, "micro-steps per optimizer step, per process")
+    accum_steps: int | None = option(None, "micro-steps per optimizer step, per process (null: derived)")
     sync: str = option(
         "no_sync",
         "no_sync: all-reduce on the last micro-step only; every_step: on every micro-step",
@@ -359,6 +364,29 @@ def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except InvalidValue as err:
         raise err.under(prefix) from None
+
+
+def _type_name(annotation: Any) -> str:
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return " | ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+
+
+def keys_help(cls: type, prefix: str = "") -> str:
+    """Every key of the section dataclass ``cls``, grouped by section: the key, its type, default and choices,
+    and its help text (what ``--help`` shows)."""
+    hints = typing.get_type_hints(cls)
+    own, sections = [], []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            sections.append(keys_help(hints[f.name], f"{key}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        kind = "{" + ",".join(choices) + "}" if choices else _type_name(hints[f.name])
+        own.append(f"  {key}: {kind} = {default!r}\n      {f.metadata.get('help', '')}")
+    title = f"{prefix.rstrip('.')}:" if prefix else "top level:"
+    return "\n\n".join(([title + "\n" + "\n".join(own)] if own else []) + sections)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

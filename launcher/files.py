@@ -13,13 +13,22 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_output(path: Path, produce: Callable[[str], None]) -> None:
-    """Let ``produce`` write a temporary file beside ``path``, then rename it over ``path``."""
+    """Let ``produce`` write a temporary file beside ``path``, then rename it over ``path``. The file gets the
+    mode any new file would (mkstemp's 0600 would hide results from the other users of a cluster, and files
+    written in a container from the host)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         produce(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

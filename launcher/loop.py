@@ -91,7 +91,8 @@ def run_loop(run: Run) -> Outcome:
             check_nonfinite(cfg, records[prior:])
             # A stop asked for during the last step changes nothing: the run finishes normally.
             stopped = (stop or done == cfg.run.stop_at_step) and done < max_steps
-            if stopped or done == max_steps or done == cfg.run.stop_at_step or _every(cfg.run.checkpoint_every, done):
+            final = done == max_steps and cfg.run.final_checkpoint
+            if stopped or final or done == cfg.run.stop_at_step or _every(cfg.run.checkpoint_every, done):
                 checkpoint.save_checkpoint(acc, state, run.folder, meta, cfg.run.keep_checkpoints)
             if stopped:
                 break

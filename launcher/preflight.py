@@ -1,4 +1,4 @@
-"""Checks of what usually goes wrong across machines, each failing with one line (no torch import).
+"""Checks of what usually goes wrong across machines, each failing with one line (torch only for the store probe).
 
 Two callers: ``launcher/train.py`` (through ``distributed.preflight``) in every launched process,
 before the process group forms; and ``python -m launcher.preflight`` on each node before
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,14 +63,46 @@ def check_ifname(var: str, value: str, interfaces: set[str]) -> None:
             )
 
 
-def check_reachable(addr: str, port: int, timeout_s: float) -> None:
-    """Connect to the rendezvous until it answers or ``timeout_s`` passes (machine 0 may start later)."""
+def store_answers(addr: str, port: int, timeout_s: float) -> bool:
+    """Whether what listens at ``addr:port`` is a c10d rendezvous store: a store client's round trip. A bare TCP
+    connect is not enough (a transparent proxy or a sandbox answers it). The client blocks past its own
+    timeout on a peer that is not a store, so it runs in a thread that is given up on."""
+    from datetime import timedelta  # the store client is torch's; the node script imports it only here
+
+    import torch.distributed as dist
+
+    answered = threading.Event()
+
+    def round_trip() -> None:
+        try:
+            store = dist.TCPStore(
+                addr, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+            )
+            store.check(["accum-preflight"])
+            answered.set()
+        except Exception:  # noqa: BLE001 - any failure means no store answered
+            pass
+
+    threading.Thread(target=round_trip, daemon=True, name="rendezvous-probe").start()
+    return answered.wait(timeout_s)
+
+
+def check_reachable(addr: str, port: int, timeout_s: float, store_timeout_s: float = 5.0) -> None:
+    """Reach the rendezvous until it answers or ``timeout_s`` passes (machine 0 may start later); then check that
+    it is a rendezvous store."""
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
         try:
             with socket.create_connection((addr, port), timeout=max(0.1, min(left, 5.0))):
-                return
+                pass
+            if not store_answers(addr, port, min(store_timeout_s, max(left, 1.0))):
+                raise LaunchError(
+                    f"rendezvous {addr}:{port} (MASTER_ADDR:MASTER_PORT) accepts connections but does not answer as "
+                    "a rendezvous store (a proxy, or another service on that port?); check --main_process_ip/"
+                    "--main_process_port and that machine rank 0's launch is the one listening there"
+                )
+            return
         except OSError as err:
             if time.monotonic() + 0.5 >= deadline:
                 reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher import checkpoint, distributed, trainer
-from launcher.config import Config, UserError, flatten, load_config
+from launcher.config import Config, UserError, dump_config, flatten, keys_help, load_config
 from launcher.loop import NonFiniteError, run_loop
 from launcher.measure import COUNTER
 from launcher.plan import RunPlan, make_plan
@@ -42,15 +42,23 @@ class StopSignals:
     Every rank records its own signal; the loop all-reduces the request with the step's other scalars, so
     all ranks checkpoint and stop after the same step even when the signals arrive at different times.
     A second signal changes nothing, and is not fatal: Ctrl-C reaches each rank twice (terminal and agent).
+    Installed for the training loop only: before the first step there is nothing to checkpoint, and a signal
+    then (the launcher stopping the ranks after another one's error, say) ends the process as usual.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._previous: dict[int, object] = {}
 
-    def install(self) -> dict[int, object]:
-        """Handle the stop signals (none received yet); returns the handlers they had."""
-        self.received = None
-        return {sig: signal.signal(sig, self._handle) for sig in EXIT_ON_SIGNAL}
+    def install(self) -> None:
+        """Handle the stop signals from now on (the first step is about to run)."""
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_ON_SIGNAL}
+
+    def restore(self) -> None:
+        """The handlers from before ``install``: once the outcome, an error line included, is out."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
@@ -72,11 +80,25 @@ STOP_SIGNALS = StopSignals()  # this process's: main() installs it, cli() reads 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="launcher/train.py",
-        description="Train under accumulation, DDP or both; the launch decides the world size.",
+        description="Train under accumulation, DDP or both; the launch decides the world size. Without --config "
+        "the embedded default trains: a tiny GPT-2 on synthetic sequences, global batch 16.",
+        epilog="config keys (YAML sections, or dotted key=value after the options):\n\n" + keys_help(Config),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="training config (YAML); defaults apply without one")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and the batch plan for this launch, then exit without training",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01")
     return parser.parse_args(argv)
+
+
+def print_config(cfg: Config) -> None:
+    plan = make_plan(cfg, distributed.launched_world_size())
+    print(dump_config(cfg, {"run.max_steps": plan.max_steps or f"from run.max_epochs={cfg.run.max_epochs:g}"}), end="")
+    print(f"# plan: {plan.batch.describe()}; {plan.optim.describe()}")
 
 
 def error_line(message: str, every_rank: bool = False) -> None:
@@ -124,7 +146,15 @@ def train(cfg: Config) -> bool:
             if resume is not None:
                 print(f"resume: step {resume.step} from {resume.path} ({note})", flush=True)
         distributed.start_trackers(accelerator, {**flatten(cfg.to_dict()), "optim.lr_resolved": run.plan.optim.lr})
-        return run_loop(run).stopped
+        STOP_SIGNALS.install()
+        outcome = run_loop(run)
+        if outcome.stopped and accelerator.is_main_process:
+            print(
+                f"stopped after step {outcome.step}; checkpoint {folder.checkpoint_path(outcome.step)}; "
+                "resume with run.resume=auto",
+                flush=True,
+            )
+        return outcome.stopped
     finally:
         run = None  # the DDP model in it holds the process group: released before the group is destroyed
         distributed.shutdown(accelerator)
@@ -133,10 +163,14 @@ def train(cfg: Config) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line's config; the exit code (README, "Exit codes")."""
     args = parse_args(argv)
-    handlers = STOP_SIGNALS.install()
+    STOP_SIGNALS.received = None
     COUNTER.install()
     try:
-        stopped = train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        stopped = train(cfg)
     except UserError as err:
         error_line(str(err))
         return EXIT_USER_ERROR
@@ -151,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_COLLECTIVE
     finally:
         COUNTER.uninstall()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        STOP_SIGNALS.restore()
     if stopped and STOP_SIGNALS.received is not None:
         return EXIT_ON_SIGNAL[STOP_SIGNALS.received]
     return 0

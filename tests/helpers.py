@@ -225,11 +225,11 @@ def save_tiny_pretrained_lm(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def save_tiny_pretrained_bert(folder: Path) -> None:
-    """A 2-layer BERT classifier and a word-piece tokenizer over the pair task's words, saved like a hub
-    checkpoint."""
+def save_tiny_pretrained_bert(folder: Path, head: bool = True) -> None:
+    """A 2-layer BERT classifier (or, without ``head``, a base ``BertModel``) and a word-piece tokenizer over the
+    pair task's words, saved like a hub checkpoint."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     torch.manual_seed(0)  # the same "pretrained" weights in every session
     folder.mkdir()
@@ -245,8 +245,8 @@ def save_tiny_pretrained_bert(folder: Path) -> None:
         max_position_embeddings=64,
         num_labels=2,
         pad_token_id=0,
-        architectures=["BertForSequenceClassification"],
+        architectures=["BertForSequenceClassification" if head else "BertModel"],
     )
     config._attn_implementation = "eager"
-    BertForSequenceClassification(config).save_pretrained(folder)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

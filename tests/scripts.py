@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 # Prints one JSON line: the argv and the few variables a launch depends on.
 FAKE_ACCELERATE = f"""#!{sys.executable}
 import json, os, sys
-keys = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "OMP_NUM_THREADS", "SLURMD_NODENAME")
+keys = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "OMP_NUM_THREADS", "SLURMD_NODENAME", "VIRTUAL_ENV")
 print(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {{k: os.environ.get(k) for k in keys}}}}))
 """
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -41,7 +41,19 @@ def fake_path(tmp_path: Path, gpus: int | None) -> Path:
     return fake
 
 
-def run_script(tmp_path: Path, script: list[str], gpus: int | None, **env: str) -> subprocess.CompletedProcess:
+def fake_venv(tmp_path: Path) -> Path:
+    """A virtual environment's layout: bin/activate puts its bin (the fakes) first on PATH."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("accelerate", "python"):
+        write_exe(venv / "bin" / name, FAKE_ACCELERATE if name == "accelerate" else FAKE_PYTHON)
+    (venv / "bin" / "activate").write_text(f'export VIRTUAL_ENV="{venv}"\nexport PATH="{venv}/bin:$PATH"\n')
+    return venv
+
+
+def run_script(
+    tmp_path: Path, script: list[str], gpus: int | None, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     """Run a node script with only the fakes and the system's basic tools on PATH."""
     fake = fake_path(tmp_path, gpus)
     base = {
@@ -51,7 +63,7 @@ def run_script(tmp_path: Path, script: list[str], gpus: int | None, **env: str) 
     }
     full = {**base, "PATH": f"{fake}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "python.log"), **env}
     proc = subprocess.run(script, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 or not check, proc.stderr
     return proc
 
 

@@ -21,6 +21,11 @@ from tests.helpers import TINY_LM
         ((32, None, 2), 4, (4, 2)),
         ((None, 4, 2), 2, (4, 2)),
         ((16, 4, 2), 2, (4, 2)),
+        # Fewer than two set: the defaults fill in, global 16 and then micro 4 (the bare command's batch).
+        ((None, None, None), 1, (4, 4)),
+        ((None, 2, None), 2, (2, 4)),
+        ((None, None, 2), 2, (4, 2)),
+        ((32, None, None), 2, (4, 4)),
     ],
 )
 def test_plan_derives_the_missing_number(given, world, expected):
@@ -36,7 +41,6 @@ def test_plan_derives_the_missing_number(given, world, expected):
         ((8, 4, None), 4, "multiple of 16"),
         ((30, None, 4), 2, "multiple of 8"),
         ((32, 4, 2), 2, "!= batch.micro_batch_size=4 x batch.accum_steps=2 x world_size=2 = 16"),
-        ((32, None, None), 1, "set two of"),
     ],
 )
 def test_plan_errors_name_the_numbers(given, world, words):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from launcher.launch import REPO, launch_env
 from tests.helpers import TINY_LM, TRAIN, assert_one_error_line, read_run, rel_l2, run_ok, train_in_process
@@ -227,6 +228,21 @@ def test_preflight_reports_a_taken_port_on_machine_0(monkeypatch):
 
 def test_preflight_passes_a_good_launch(monkeypatch):
     assert preflight(monkeypatch, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port()))[0] == 0
+    # Machine 1, with a real rendezvous store at MASTER_ADDR:MASTER_PORT (what machine 0's agent hosts).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
+    assert preflight(monkeypatch, **env) == (0, "")
+
+
+def test_preflight_tells_a_listener_from_a_rendezvous_store(monkeypatch):
+    """A port that accepts connections (a transparent proxy, another service) but is no store: one line."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = str(listener.getsockname()[1])
+        code, stderr = preflight(monkeypatch, NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    assert code == 2
+    assert_one_error_line(stderr, (f"127.0.0.1:{port}", "does not answer as a rendezvous store"))
 
 
 @pytest.mark.parametrize(

@@ -59,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_compare_config(args.config, args.overrides)
         planned = plan_modes(cfg)
+        # The seam: checking the inputs and running pull in torch, once the config is known to be good.
+        from launcher.compare.session import check_inputs, run_comparison
+
+        check_inputs(planned)
         out = claim_output_dir(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    # The seam: running pulls in torch, rich and matplotlib, once the config is known to be good.
-    from launcher.compare.session import run_comparison
-
     return run_comparison(cfg, planned, out, threads_for(cfg, planned))
 
 

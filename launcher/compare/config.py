@@ -85,6 +85,9 @@ class CompareConfig(Section):
     base: str = option("configs/runs/tiny_lm.yaml", "training config every mode starts from")
     output_dir: str = option("runs/compare", "folder for compare.json, report.md, the plots and modes/<name>/")
     overwrite: bool = option(False, "allow replacing a finished comparison in output_dir")
+    keep_checkpoints: bool = option(
+        False, "let each mode write its final checkpoint (off: only model.safetensors, a fraction of the disk)"
+    )
     reference: str | None = option(None, "mode the others are judged against (null = the first mode)")
     timeout_s: float = option(900.0, "wall-clock limit per mode; a mode past it is stopped and reported failed")
     threads_per_process: int = option(

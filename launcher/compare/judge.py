@@ -196,6 +196,7 @@ def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | Non
         batch_norm=to_json(summary.batch_norm) if summary and summary.batch_norm else None,
         losses=run.losses if run else [],
         samples_seen=list(itertools.accumulate(m.samples for m in run.metrics)) if run else [],
+        eval_configured=bool(pm.train.eval.fraction or pm.train.eval.file or pm.train.eval.split),
     )
 
 
@@ -272,8 +273,9 @@ def judge(
         if run is None:
             entry.error = read_errors.get(pm.name) or outcome.reason()
             entry.log_tail = outcome.log_tail()
-            # A sweep never fails the comparison: a setting that diverges is a result too (shown, with its log).
-            entry.verdict, entry.ok = FAILED, pm.mode.expect == SWEEP
+            # A sweep never fails the comparison: a setting that diverges is a result too (shown, with its log). A
+            # failed control only leaves the floor unmeasured: the fixed tolerances apply, and the report says so.
+            entry.verdict, entry.ok = FAILED, pm.mode.expect == SWEEP or pm.is_control
         else:
             entry.cost = cost_of(run.summary, ref.run.summary if ref else None)
             if ref is None:
@@ -297,6 +299,8 @@ def judge(
         versions=first.summary.versions if first else None,
         config=to_json(cfg),
         floor=floor,
+        model=reference.train.model.name,
+        data=reference.train.data.name,
     )
 
 

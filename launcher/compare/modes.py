@@ -32,6 +32,7 @@ SPLIT_KEYS = frozenset(
         "run.log_every_steps",
         "run.expected_world_size",
         "run.save_initial_weights",
+        "run.final_checkpoint",
     }
 )
 
@@ -79,6 +80,7 @@ def mode_config(base: dict[str, Any], cfg: CompareConfig, name: str, mode: ModeC
     fixed = {
         "run.output_dir": str(Path(cfg.output_dir) / "modes" / name),
         "run.overwrite": True,  # compare clears the mode folders before each launch
+        "run.final_checkpoint": cfg.keep_checkpoints,
         # A launch that gives another world size (a wrong accelerate default) fails, not trains another mode.
         "run.expected_world_size": mode.num_processes,
         **own,

@@ -128,6 +128,7 @@ class ModeResult:
     cost: Cost | None = None
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    eval_configured: bool = False  # its training config names an eval set
 
     @property
     def failed(self) -> bool:
@@ -150,7 +151,9 @@ class Comparison:
     versions: dict[str, str] | None
     config: dict[str, Any]
     threads_per_process: int = 0
-    floor: Floor | None = None  # None: no control ran (floor.control=false) or it failed
+    floor: Floor | None = None  # None: no control ran (floor.control=false, every run float64) or it failed
+    model: str = ""  # the reference's model.name and data.name: what was trained
+    data: str = ""
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.name == name)

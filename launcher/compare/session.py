@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import signal
 import sys
@@ -12,9 +14,11 @@ from launcher.compare.config import CompareConfig
 from launcher.compare.judge import failure_lines, judge
 from launcher.compare.modes import PlannedMode
 from launcher.compare.preflight import preflight
-from launcher.config import dump_config
+from launcher.config import ConfigError, dump_config
+from launcher.data.sources import check_sources
 from launcher.files import write_json_atomic, write_text_atomic
 from launcher.launch import Job, LaunchOutcome, job_commands, launch_env, machine_logs
+from launcher.models import model_spec
 from launcher.records import to_json
 from launcher.rundir import RunDir
 from launcher.terminal import ModesProgress
@@ -52,6 +56,25 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesP
 
 
 NOT_RUN = "not run: the reference failed"
+
+
+def check_inputs(planned: list[PlannedMode]) -> None:
+    """Every mode's model and data, checked before the first launch (a misspelt file found after the reference
+    has trained would waste its run): the model's folder, config and tokenizer, the data's files, suffixes and
+    columns. Each distinct model and data is checked once."""
+    seen: set[str] = set()
+    for pm in planned:
+        key = json.dumps(
+            [dataclasses.asdict(pm.train.model), dataclasses.asdict(pm.train.data), dataclasses.asdict(pm.train.eval)]
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            spec = model_spec(pm.train.model)
+            check_sources(pm.train.data, pm.train.eval, spec.task)
+        except ConfigError as err:
+            raise ConfigError(f"mode {pm.name!r}: {err}") from None
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from launcher.config import ConfigError
 from launcher.data.sources import STORE_META
-from launcher.files import fsync_path
+from launcher.files import fsync_path, umask
 
 FORMAT = 2  # part of every key: the tokenization cache of format 1 (one .pt file per entry) is never read
 HIT, MISS, OFF = "hit", "miss", "off"
@@ -109,7 +109,7 @@ def write_store(cache_dir: Path, key: str, store: TokenStore) -> TokenStore:
         meta = {**(store.meta or {}), "format": FORMAT, "arrays": list(store.arrays())}
         (tmp / STORE_META).write_text(json.dumps(meta, indent=1) + "\n")  # last: a folder with it is complete
         fsync_path(tmp / STORE_META)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the store from the other users of a cache
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide the store from the other users of a cache
         try:
             os.rename(tmp, final)
         except OSError as err:
@@ -122,12 +122,6 @@ def write_store(cache_dir: Path, key: str, store: TokenStore) -> TokenStore:
             raise _no_room(cache_dir, needed) from None
         raise ConfigError(f"data.cache_dir={str(cache_dir)!r} cannot hold the token store: {err.strerror}") from None
     return open_store(final)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cached_store(cache_dir: Path | None, key: str) -> TokenStore | None:

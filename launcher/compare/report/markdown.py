@@ -65,13 +65,16 @@ def batch_norm_section(result: Comparison) -> list[str]:
 
 def markdown(result: Comparison) -> str:
     batches = {m.plan.global_batch_size for m in result.modes}
-    steps = {len(m.losses) for m in result.modes if m.losses}
+    steps = {len(m.losses) if m.losses else m.max_steps for m in result.modes if m.losses or m.max_steps}
     batch_text = f"global batch {batches.pop()} samples/step" if len(batches) == 1 else "global batch per mode"
-    steps_text = f"{steps.pop()} optimizer steps" if len(steps) == 1 else "optimizer steps per mode"
+    steps_text = {0: "steps not known (no mode finished)", 1: f"{min(steps, default=0)} optimizer steps"}.get(
+        len(steps), "optimizer steps per mode"
+    )
     parts = [
         "# Comparison: accumulation, DDP and both",
         "",
-        f"Base config `{result.base}`, {batch_text}, {steps_text}, reference mode `{result.reference}`.",
+        f"Base config `{result.base}`: model `{result.model}` on data `{result.data}`, {batch_text}, {steps_text}, "
+        f"reference mode `{result.reference}`.",
         "",
         f"**{headline(result)}.**",
         "",

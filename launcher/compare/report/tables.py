@@ -227,6 +227,8 @@ def eval_rows(result: Comparison) -> list[list[str]]:
 
 def eval_note(result: Comparison) -> str:
     task = eval_task(result)
+    if task is None and any(m.eval_configured for m in result.modes):
+        return "The modes have an eval set, but no mode that has one finished: nothing was evaluated."
     if task is None:
         return (
             "No mode has an eval set (eval.fraction, eval.file or eval.split): the final train loss is the only "
@@ -243,6 +245,9 @@ def headline(result: Comparison) -> str:
     equal = [m for m in result.modes if m.expect == EQUAL and not m.is_reference and not m.is_control]
     swept = [m for m in result.modes if m.expect == SWEEP]
     agreeing = [m for m in equal if m.ok]
+    reference = result.reference_mode
+    if reference is not None and reference.failed:
+        return f"the reference {result.reference!r} failed: nothing could be judged ({reference.error})"
     if not result.ok:
         return (
             f"{len(agreeing)} of {len(equal)} modes expected to equal {result.reference!r} agree; failed: "

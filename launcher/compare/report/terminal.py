@@ -55,7 +55,9 @@ def print_plan(console: Console, cfg: CompareConfig, planned: list[PlannedMode],
         for pm in planned
     ]
     header = ["mode", "processes", "micro", "K", "global", "sync", "loss norm", "dtype", "lr", "steps", "expect"]
-    console.print(_table(f"compare: {cfg.base} -> {cfg.output_dir}", header, rows))
+    train = planned[0].train
+    title = f"compare: {cfg.base} (model {train.model.name}, data {train.data.name}) -> {cfg.output_dir}"
+    console.print(_table(title, header, rows))
     for line in warnings:
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
 
