@@ -95,6 +95,36 @@ def steps_logged(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+# ------------------------------------------------------------------------------------------- checkpoints
+
+# float64 runs of 8 steps, AdamW (moments and step count in the optimizer state: a resume must restore them),
+# cosine LR with warmup, 40 samples so the epoch has a short last window, a checkpoint every 2 steps.
+CHECKPOINTED = (
+    "run.dtype=float64",
+    "model.dropout=0.0",
+    "optim.name=adamw",  # moments and step count in the optimizer state: the resume must restore them
+    "optim.lr=0.01",
+    "optim.schedule=cosine",
+    "optim.warmup_steps=2",
+    "optim.grad_clip=0",
+    "data.num_samples=40",
+    "run.max_steps=8",
+    "batch.global_batch_size=16",
+    "batch.micro_batch_size=4",
+    "batch.accum_steps=null",
+    "run.checkpoint_every=2",
+)
+PAUSE_AT_4 = {"ACCUM_TEST_PAUSE_IN_SAVE_AT_STEP": "4"}  # holds rank 0 in the save of step 4 until a signal
+
+
+def paused_in_save(out: Path, step: int) -> Path:
+    """Wait until rank 0 is held in the save of ``step`` (files written, not renamed); returns the temp folder."""
+    partial = out / "checkpoints" / f".tmp-step-{step:08d}"
+    wait_until(lambda: (partial / "rng.pt").exists(), 120, f"the held save of step {step}")
+    time.sleep(0.5)  # from the last file to signal.pause() is microseconds; leave it a wide margin
+    return partial
+
+
 # ------------------------------------------------------------------------------------------- error lines
 
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from launcher.batching import SampleOrder
 from launcher.builtin import CLS, LM
@@ -15,8 +16,8 @@ from launcher.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from launcher.data import build_datasets
 from launcher.data.build import carve, label_ids
 from launcher.data.store import HIT, MISS, OFF
-from launcher.models import ByteTokenizer, ModelSpec, model_spec
-from tests.helpers import FILLER, SPECIAL, TOPICS, save_tiny_pretrained_bert
+from launcher.models import ByteTokenizer, ModelSpec, build_model, model_spec
+from tests.helpers import FILLER, SPECIAL, TOPICS, save_tiny_pretrained_bert, write_jsonl
 
 
 def byte_spec(task: str | None = CLS) -> ModelSpec:
@@ -234,3 +235,19 @@ def test_labels_outside_num_labels_are_refused_before_a_model_loads(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(DataConfig(name=str(tmp_path / "t.csv"), cache_dir="none"), num_labels=2)
     assert "label 2 outside [0, 2)" in str(err.value) and "model.num_labels" in str(err.value)
+
+
+def test_a_jsonl_file_reads_its_text_column(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [{"body": f"line {i}"} for i in range(5)])
+    sets = build(DataConfig(name=str(tmp_path / "t.jsonl"), text_column="body", cache_dir="none"), spec=byte_spec(LM))
+    assert texts(sets.train) == [f"line {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+def test_dropout_sets_every_dropout(name):
+    spec = model_spec(ModelConfig(name=name, dropout=0.3))
+    model = build_model(spec, spec.task, 2, max_positions=16, dtype=torch.float32)
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.3 for p in dropouts)
+    probs = {k: v for k, v in vars(model.config).items() if isinstance(v, float) and "drop" in k}
+    assert probs and all(v == 0.3 for v in probs.values()), probs

@@ -122,3 +122,17 @@ def test_error_under_a_two_process_launch(tmp_path):
     log = outcome.log_text()
     assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log
     assert "checkpoint" not in log
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("review,label\ngood,1\nbad,0\n")
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", "model.name=tiny-bert", f"data.name={csv}")
+    assert code == 2
+    assert_one_error_line(stderr, ("data.text_column='text'", "columns: review, label"))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", f"model.name=hf:{tmp_path}/absent")
+    assert code == 2
+    assert_one_error_line(stderr, ("model.name", "absent", "no such folder"))

@@ -22,8 +22,10 @@ from tests.helpers import (
     compare_in_process,
     compared,
     make_text,
+    read_run,
     run_ok,
     save_tiny_pretrained_bert,
+    save_tiny_pretrained_lm,
     write_compare_config,
 )
 
@@ -67,49 +69,107 @@ def test_print_config_resolves_without_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.launch
-def test_a_base_model_on_labelled_rows_becomes_a_classifier(tmp_path):
-    """A BertModel folder (no head) and a CSV of names for labels: the task and the three classes come from the
-    data, decided before the model loads; nothing beyond the final weights is written when asked."""
-    save_tiny_pretrained_bert(tmp_path / "base", head=False)
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A BertModel folder (no head) and a CSV of names for labels, fine-tuned on 2 processes."""
+    tmp = tmp_path_factory.mktemp("labelled")
+    save_tiny_pretrained_bert(tmp / "base", head=False)
     rows = [f"the {COLORS[i % 3]} apple near the river,{COLORS[i % 3]}" for i in range(30)]
-    (tmp_path / "colors.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    (tmp / "colors.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     out = run_ok(
-        tmp_path,
-        1,
+        tmp,
+        2,
         "finetuned",
-        f"model.name=hf:{tmp_path / 'base'}",
-        f"data.name={tmp_path / 'colors.csv'}",
+        f"model.name=hf:{tmp / 'base'}",
+        f"data.name={tmp / 'colors.csv'}",
         "data.seq_len=6",
         "run.max_epochs=0",
         "run.max_steps=2",
         "run.final_checkpoint=false",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=2",
+        f"data.cache_dir={tmp / 'cache'}",
         config="configs/runs/finetune_cls.yaml",
     )
-    summary = RunDir(out).read_summary()
-    assert summary.task == "cls" and summary.data.label_names == ["blue", "green", "red"]
-    assert summary.data.source_rows == 30 and summary.data.rows_used == 27  # eval.fraction=0.1 held out 3
-    assert summary.data.truncated_rows == 30  # every row is longer than 6 tokens: the plan line says so
-    assert (
-        "27 of 30 rows used, 30 cut at data.seq_len=6, task=cls with 3 classes" in (tmp_path / "launch.log").read_text()
-    )
-    assert not (out / "checkpoints").exists()  # run.final_checkpoint=false
+    return read_run(out), (tmp / "launch.log").read_text(), out
 
 
 @pytest.mark.launch
-def test_own_text_for_a_language_model_and_a_planned_stop(tmp_path):
-    """A .txt file, one document per line, every line used; a planned stop says where its checkpoint is."""
-    (tmp_path / "notes.txt").write_text("".join(make_text(i, 3 + i % 7) + "\n" for i in range(50)))
-    common = ("model.name=tiny-gpt2", f"data.name={tmp_path / 'notes.txt'}", "data.cache_dir=none", "run.max_steps=4")
-    out = run_ok(tmp_path, 1, "text", *common, "run.stop_at_step=2")
-    log = (tmp_path / "launch.log").read_text()
-    assert (
-        f"stopped after step 2; checkpoint {out / 'checkpoints' / 'step-00000002'}; resume with run.resume=auto" in log
+def test_a_base_model_on_labelled_rows_becomes_a_classifier(labelled):
+    """The task and the three classes come from the data, decided before the model loads."""
+    run, log, _ = labelled
+    assert run.summary.task == "cls" and run.summary.data.label_names == ["blue", "green", "red"]
+    assert run.weights["classifier.weight"].shape == (3, 32)  # a head for the data's three classes
+    assert run.summary.data.source_rows == 30 and run.summary.data.rows_used == 27  # eval.fraction=0.1 held out 3
+    assert run.summary.data.truncated_rows == 30  # every row is longer than 6 tokens: the plan line says so
+    assert "27 of 30 rows used, 30 cut at data.seq_len=6, task=cls with 3 classes" in log
+
+
+@pytest.mark.launch
+def test_a_csv_classifier_trains_under_two_processes(labelled):
+    run, _, out = labelled
+    assert (run.summary.world_size, run.summary.accum_steps) == (2, 2)
+    # Classification counts samples: every step's items equal its samples.
+    assert all(m.items == m.samples == 8 for m in run.metrics)
+    assert not (out / "checkpoints").exists()  # run.final_checkpoint=false
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A local "pretrained" GPT-2 on a .txt file (one document per line), stopped after step 3 and resumed,
+    logging to TensorBoard, for 1.5 epochs."""
+    tmp = tmp_path_factory.mktemp("text")
+    save_tiny_pretrained_lm(tmp / "gpt2")
+    (tmp / "notes.txt").write_text("".join(make_text(i, 3 + i % 7) + "\n" for i in range(50)))
+    common = (
+        f"model.name=hf:{tmp / 'gpt2'}",
+        f"data.name={tmp / 'notes.txt'}",
+        "data.cache_dir=none",
+        "run.log_with=tensorboard",
+        "run.max_epochs=1.5",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+        "batch.accum_steps=null",
     )
-    assert "50 of 50 rows used" in log  # tiny_lm.yaml's data.num_samples sizes synthetic sets only
-    run_ok(tmp_path, 1, "text", *common, "run.resume=auto")
-    assert RunDir(out).read_summary().data.rows_used == 50
+    out = run_ok(tmp, 1, "text", *common, "run.stop_at_step=3")
+    stopped = {"log": (tmp / "launch.log").read_text(), "summary": (out / "summary.json").exists()}
+    run_ok(tmp, 1, "text", *common, "run.resume=auto")
+    return out, read_run(out), stopped
+
+
+@pytest.mark.launch
+def test_own_text_trains_a_local_pretrained_lm(text):
+    """Every line is a document and every line is used: tiny_lm.yaml's data.num_samples sizes synthetic sets."""
+    _, run, stopped = text
+    assert "50 of 50 rows used" in stopped["log"]
+    assert run.summary.task == "lm" and run.summary.accum_steps == 2 and run.summary.data.rows_used == 50
+    # The saved weights are the pretrained architecture's (a 32-wide GPT-2 block), trained.
+    assert run.weights["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+
+
+@pytest.mark.launch
+def test_a_planned_stop_says_where_its_checkpoint_is(text):
+    out, run, stopped = text
+    line = f"stopped after step 3; checkpoint {out / 'checkpoints' / 'step-00000003'}; resume with run.resume=auto"
+    assert line in stopped["log"]
+    assert not stopped["summary"]  # a planned stop: the run is not finished
+
+
+@pytest.mark.launch
+def test_tensorboard_gets_every_step_across_a_resume(text):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, run, _ = text
+    # 50 rows / 8 per step = 7 steps per epoch; 1.5 epochs -> 11 steps; stopped after 3, then resumed.
+    assert run.summary.max_steps == 11 and run.summary.resumed_from_step == 3
+    assert run.summary.epochs == pytest.approx((50 + 4 * 8) / 50)  # a whole epoch (its last window short), 4 steps
+    assert [m.step for m in run.metrics] == list(range(1, 12))
+    events = EventAccumulator(str(out / "logs" / "accum-launcher"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(loss) == list(range(1, 12))  # both sessions' event files
+    assert [loss[m.step] for m in run.metrics] == pytest.approx(run.losses, rel=1e-6)
+    assert {"lr", "grad_norm", "step_time_s"} <= set(events.Tags()["scalars"])
 
 
 def test_compare_checks_every_mode_s_inputs_before_launching(tmp_path):

@@ -1,8 +1,8 @@
 """Learning-rate scaling with the global batch, run.max_epochs, sweeps in compare, and trackers.
 
 The resolution rules are pure arithmetic (unit tests). One module-scoped comparison runs
-configs/compare/lr_scaling.yaml on a short budget (five 1-process launches); one 1-process run logs to
-TensorBoard, stops at a step and resumes, and its event files are read back.
+configs/compare/lr_scaling.yaml on a short budget (five 1-process launches); TensorBoard across a resume is
+checked on the run of tests/test_first_contact.py that stops and resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from tests.helpers import (
     assert_one_error_line,
     compared,
     pair_rows,
-    run_ok,
     save_tiny_pretrained_bert,
     train_in_process,
 )
@@ -205,36 +204,6 @@ def test_an_equal_mode_with_other_steps_is_not_comparable(sweep):
 
 
 # ---------------------------------------------------------------------------------------- trackers
-
-
-@pytest.mark.launch
-def test_tensorboard_gets_every_step_across_a_resume(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    # 40 samples / 8 per step = 5 steps per epoch; 1.5 epochs -> 8 steps; stop after 3, then resume.
-    common = (
-        "run.log_with=tensorboard",
-        "run.max_epochs=1.5",
-        "data.num_samples=40",
-        "batch.global_batch_size=8",
-        "batch.micro_batch_size=4",
-        "batch.accum_steps=null",
-    )
-    out = run_ok(tmp_path, 1, "tb", *common, "run.stop_at_step=3")
-    assert not (out / "summary.json").exists()  # a planned stop: the run is not finished
-    run_ok(tmp_path, 1, "tb", *common, "run.resume=auto")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["max_steps"] == 8 and summary["resumed_from_step"] == 3
-    assert summary["epochs"] == pytest.approx(64 / 40)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
-
-    events = EventAccumulator(str(out / "logs" / "accum-launcher"))
-    events.Reload()
-    loss = {e.step: e.value for e in events.Scalars("loss")}
-    assert sorted(loss) == list(range(1, 9))  # both sessions' event files
-    assert [loss[r["step"]] for r in records] == pytest.approx([r["loss"] for r in records], rel=1e-6)
-    assert {"lr", "grad_norm", "step_time_s"} <= set(events.Tags()["scalars"])
 
 
 def missing_tracker() -> str:
