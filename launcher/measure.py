@@ -159,3 +159,58 @@ def library_versions() -> dict[str, str]:
         "accelerate": accelerate.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A rank's own part of a tensor: the local shard of a DTensor (FSDP), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    t = local(tensor)
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class ModelState:
+    """Bytes of model state this rank holds: parameters, gradients and optimizer state (local shards only)."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:
+    params = list(model.parameters())
+    grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+    state = sum(_nbytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return ModelState(sum(_nbytes(p) for p in params), grads, state)
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for backward during a forward (the activations a micro-step holds
+    until its backward), counted through saved-tensor hooks; each storage once, parameters left out."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.bytes = 0
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._params and key not in self._seen:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[SavedActivations]:
+        self._seen.clear()
+        self.bytes = 0
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            yield self
