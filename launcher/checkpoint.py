@@ -2,11 +2,14 @@
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNNNN/`` (paths and pruning: ``rundir``) holding
 
-    model.safetensors   the weights (tied tensors stored once)
-    optimizer.pt        the optimizer state dict (tensors and plain values only)
+    model.safetensors   the weights (tied tensors stored once)                        } a full replica
+    optimizer.pt        the optimizer state dict (tensors and plain values only)       } (DDP, one process)
+    shards/             model and optimizer state, torch.distributed.checkpoint's format: sharded (FSDP)
     rng.pt              python and torch (CPU, CUDA) RNG states, one entry per rank
     scaler.pt           the AMP gradient scaler, when there is one
-    meta.json           step, batch plan, model, dtype, and every file's size; written last
+    meta.json           step, layout, batch plan, model, dtype, and every file's size; written last
+
+Either layout resumes under any world size and either strategy.
 
 What is saved is the ``TrainState`` (``state``) and the ranks' RNG streams. Nothing is loaded with pickle:
 ``.pt`` files go through ``torch.load(weights_only=True)``, the rest are safetensors and JSON.
@@ -23,20 +26,30 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 from launcher import faults
 from launcher.config import Config, UserError
-from launcher.distributed import gather_object
+from launcher.data.sources import first_line
+from launcher.distributed import all_reduce_sum, gather_object
 from launcher.files import fsync_path, write_json_atomic
+from launcher.measure import COUNTER, local
+from launcher.parallel import Strategy
 from launcher.plan import RunPlan
 from launcher.rundir import CHECKPOINT_META, PARTIAL_PREFIX, RunDir
 from launcher.state import TrainState
@@ -46,6 +59,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 SCALER = "scaler.pt"
+SHARDS = "shards"  # torch.distributed.checkpoint's folder of a sharded (FSDP) checkpoint
 # The model settings a checkpoint's weights depend on; a resume must match them all.
 MODEL_KEYS = ("name", "task", "hidden_size", "num_layers", "num_heads", "num_labels")
 
@@ -84,62 +98,75 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _weights_are_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def _weights_are_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Every rank's verdict on its own tensors (a shard under FSDP), agreed so that none is left waiting."""
+    bad = sum(not bool(torch.isfinite(local(p)).all()) for p in model.parameters())
+    with COUNTER.scalar():
+        (bad_ranks,) = all_reduce_sum(accelerator, [float(bad > 0)])
+    return bad_ranks == 0
 
 
-def save_checkpoint(accelerator: Accelerator, state: TrainState, run: RunDir, meta: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint of ``state.step`` (steps done) on rank 0; every rank must call it.
+def save_checkpoint(
+    accelerator: Accelerator, state: TrainState, strategy: Strategy, run: RunDir, meta: dict[str, Any], keep: int
+) -> Path:
+    """Write the checkpoint of ``state.step`` (steps done); every rank must call it.
 
-    Every rank checks its weights and hands its RNG state to rank 0, which writes the whole folder, so no
-    shared file system is needed for writing.
+    A full replica (DDP, one process) is written by rank 0 alone, so no shared file system is needed for
+    writing. Sharded state (FSDP) is written by every rank, its shards through torch.distributed.checkpoint, into
+    the same folder: across machines that folder must be shared. Rank 0 writes the rest and renames.
     """
-    # Identical weights on every rank under DDP, so every rank reaches the same verdict and none is left waiting.
-    if not _weights_are_finite(state.model):
+    if not _weights_are_finite(accelerator, state.model):
         raise NonFiniteModelError(f"the weights after step {state.step} are not finite; no checkpoint written")
     rng_states = gather_object(accelerator, _rng_state())
     final = run.checkpoint_path(state.step)
-    if accelerator.is_main_process and not final.exists():
-        _write_checkpoint(
-            run, final, {**meta, "step": state.step}, lambda folder: _write_files(folder, state, rng_states)
-        )
-        run.prune_checkpoints(keep)
+    tmp = final.with_name(PARTIAL_PREFIX + final.name)
+    main = accelerator.is_main_process
+    with COUNTER.scalar():
+        (exists,) = all_reduce_sum(accelerator, [float(main and final.exists())])
+    if exists:
+        return final
+    meta = {**meta, "step": state.step, "layout": "sharded" if strategy.sharded else "full"}
+    try:
+        if main:
+            run.remove_partial_checkpoints()
+            tmp.mkdir(parents=True)
+        if strategy.sharded:
+            accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
+            model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
+            dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(tmp / SHARDS))
+        if main:
+            _write_rank0_files(tmp, state, rng_states, full=not strategy.sharded)
+            faults.pause_in_save(state.step)
+            meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            # meta.json last: it lists the sizes that a later resume checks every file against.
+            write_json_atomic(tmp / CHECKPOINT_META, meta)
+            fsync_path(tmp)
+            os.rename(tmp, final)
+            fsync_path(final.parent)
+            run.prune_checkpoints(keep)
+    except (OSError, CheckpointException) as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or first_line(err)
+        raise CheckpointError(
+            f"could not write checkpoint {str(final)!r}: {reason}; the earlier checkpoints are kept"
+        ) from None
     # The other ranks wait here rather than in the next collective: a rank that runs ahead into a
     # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
     accelerator.wait_for_everyone()
     return final
 
 
-def _write_checkpoint(run: RunDir, final: Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> None:
-    """Rank 0: a temporary folder, its files, meta.json (with every file's size) last, fsync, rename."""
-    tmp = final.with_name(PARTIAL_PREFIX + final.name)
-    run.remove_partial_checkpoints()
-    try:
-        tmp.mkdir(parents=True)
-        write_files(tmp)
-        faults.pause_in_save(meta["step"])
-        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        # meta.json last: it lists the sizes that a later resume checks every file against.
-        write_json_atomic(tmp / CHECKPOINT_META, meta)
-        fsync_path(tmp)
-        os.rename(tmp, final)
-        fsync_path(final.parent)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {str(final)!r}: {err.strerror or err}; the earlier checkpoints are kept"
-        ) from None
-
-
-def _write_files(folder: Path, state: TrainState, rng_states: list[dict[str, Any]]) -> None:
-    saved = state.state_dict()
-    save_model(state.module, str(folder / WEIGHTS))  # not saved["model"]: save_model stores tied tensors once
-    torch.save(saved["optimizer"], folder / OPTIMIZER)
+def _write_rank0_files(folder: Path, state: TrainState, rng_states: list[dict[str, Any]], full: bool) -> None:
+    if full:
+        save_model(state.module, str(folder / WEIGHTS))  # not state_dict(): save_model stores tied tensors once
+        torch.save(state.optimizer.state_dict(), folder / OPTIMIZER)
     torch.save(rng_states, folder / RNG)
-    if saved["scaler"] is not None:
-        torch.save(saved["scaler"], folder / SCALER)
+    if state.scaler is not None:
+        torch.save(state.scaler.state_dict(), folder / SCALER)
     for path in folder.iterdir():
-        fsync_path(path)
+        if path.is_file():
+            fsync_path(path)
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -251,17 +278,52 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_checkpoint(info: CheckpointInfo, state: TrainState, rank: int, world_size: int) -> str:
-    """Restore the train state and this rank's RNG streams in place; returns a note on the RNG restore."""
-    _load_weights(info.path / WEIGHTS, state.module)
-    scaler = info.path / SCALER
-    state.load_state_dict(
-        {
-            "step": info.step,
-            "optimizer": _load_pt(info.path / OPTIMIZER),
-            "scaler": _load_pt(scaler) if scaler.is_file() else None,
+def load_weights(info: CheckpointInfo, module: torch.nn.Module) -> None:
+    """A full checkpoint's weights, into the model before the strategy wraps or shards it (sharded ones load
+    with the rest of the state, after)."""
+    if info.meta.get("layout", "full") == "full":
+        _load_weights(info.path / WEIGHTS, module)
+
+
+def load_checkpoint(info: CheckpointInfo, state: TrainState, strategy: Strategy, rank: int, world_size: int) -> str:
+    """Restore the train state and this rank's RNG streams in place, whatever strategy and world size wrote the
+    checkpoint; returns a note on the RNG restore."""
+    if info.meta.get("layout", "full") == "sharded":
+        _load_shards(info, state)
+    elif strategy.sharded:
+        # A full optimizer state, keyed by parameter index, onto sharded parameters: the same parameters in the
+        # same order, named, then scattered by torch's state-dict API.
+        names = [name for name, p in state.module.named_parameters() if p.requires_grad]
+        saved = _load_pt(info.path / OPTIMIZER)
+        named = {
+            "state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
         }
-    )
+        # Stateless SGD has no tensors to scatter (torch's API then cannot tell the device): nothing to restore.
+        if any(isinstance(v, torch.Tensor) for s in named["state"].values() for v in s.values()):
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(state.model, state.optimizer, optim_state_dict=named, options=options)
+    else:
+        state.optimizer.load_state_dict(_load_pt(info.path / OPTIMIZER))
+    state.step = info.step
+    scaler = info.path / SCALER
+    if state.scaler is not None and scaler.is_file():
+        state.scaler.load_state_dict(_load_pt(scaler))
+    return _restore_rng(info, rank, world_size)
+
+
+def _load_shards(info: CheckpointInfo, state: TrainState) -> None:
+    """Sharded state into this launch's model, sharded or not: torch.distributed.checkpoint reads the shards it
+    needs, whatever world size wrote them."""
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
+    try:
+        dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(info.path / SHARDS))
+    except (CheckpointException, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {str(info.path)!r} does not fit this model: {first_line(err)}") from None
+    set_state_dict(state.model, state.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def _restore_rng(info: CheckpointInfo, rank: int, world_size: int) -> str:
     states = _load_pt(info.path / RNG)
     if len(states) != world_size:
         # Per-rank streams (dropout) cannot map onto another number of ranks; seed them from the position instead.

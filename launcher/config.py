@@ -230,6 +230,20 @@ class BatchConfig(Section):
 
 
 @dataclass(frozen=True)
+class ParallelConfig(Section):
+    strategy: str = option(
+        "ddp",
+        "ddp: a full replica per process; fsdp: parameters, gradients and optimizer state sharded (FSDP2)",
+        ("ddp", "fsdp"),
+    )
+    reshard_after_forward: bool = option(
+        True,
+        "fsdp: free the gathered parameters after each forward (off: keep them through the window's micro-steps, "
+        "one all-gather per optimizer step, at the memory of a full replica)",
+    )
+
+
+@dataclass(frozen=True)
 class OptimConfig(Section):
     name: str = option("adamw", "optimizer", ("sgd", "adamw"))
     lr: float = option(1e-3, "peak learning rate")
@@ -287,6 +301,7 @@ class Config(Section):
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: str = option("no", "mixed precision through Accelerate", ("no", "bf16", "fp16"))
 
     def check(self) -> None:

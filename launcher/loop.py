@@ -9,9 +9,9 @@ from launcher import batchnorm, checkpoint, faults
 from launcher.builtin import LM
 from launcher.config import Config, dump_config
 from launcher.distributed import backend_name, gather_object, tracker_values
-from launcher.measure import library_versions, memory_source, now_s, peak_memory_bytes
+from launcher.measure import library_versions, memory_source, model_state_bytes, now_s, peak_memory_bytes
 from launcher.run import Run
-from launcher.rundir import INITIAL_WEIGHTS, OptimInfo, RunSummary, StepRecord, Totals
+from launcher.rundir import INITIAL_WEIGHTS, WEIGHTS, MemoryInfo, OptimInfo, RunSummary, StepRecord, Totals
 from launcher.step import train_step
 from launcher.terminal import StepProgress, describe_eval, print_summary
 
@@ -68,8 +68,8 @@ def run_loop(run: Run) -> Outcome:
             keep_checkpoints=cfg.run.resume != "none",
         )
         progress = StepProgress(max_steps, cfg.run.log_every_steps)
-        if cfg.run.save_initial_weights and state.step == 0:
-            run.folder.write_weights(state.module, INITIAL_WEIGHTS)
+    if cfg.run.save_initial_weights and state.step == 0:
+        write_weights(run, INITIAL_WEIGHTS)
     prior = len(records)  # only this session's records are the same on every rank (rank 0 read the rest back)
     stopped = False
     try:
@@ -93,7 +93,7 @@ def run_loop(run: Run) -> Outcome:
             stopped = (stop or done == cfg.run.stop_at_step) and done < max_steps
             final = done == max_steps and cfg.run.final_checkpoint
             if stopped or final or done == cfg.run.stop_at_step or _every(cfg.run.checkpoint_every, done):
-                checkpoint.save_checkpoint(acc, state, run.folder, meta, cfg.run.keep_checkpoints)
+                checkpoint.save_checkpoint(acc, state, run.strategy, run.folder, meta, cfg.run.keep_checkpoints)
             if stopped:
                 break
     finally:
@@ -104,9 +104,9 @@ def run_loop(run: Run) -> Outcome:
     if stopped:
         return Outcome(True, state.step)
 
-    summary = summarize(run, records, prior, gather_object(acc, peak_memory_bytes(acc.device)), started)
+    summary = summarize(run, records, prior, gather_object(acc, memory_of(run, records[prior:])), started)
+    write_weights(run, WEIGHTS)
     if main:
-        run.folder.write_weights(state.module)
         summary.wall_time_s = now_s() - started
         run.folder.write_summary(summary)
         print_summary(summary)
@@ -115,7 +115,38 @@ def run_loop(run: Run) -> Outcome:
     return Outcome(False, state.step)
 
 
-def summarize(run: Run, records: list[StepRecord], prior: int, peaks: list[int], started: float) -> RunSummary:
+def write_weights(run: Run, name: str) -> None:
+    """The model's full weights as ``name`` in the run folder: every rank takes part in gathering sharded ones,
+    the main process writes."""
+    state = run.state
+    weights = run.strategy.full_weights(state.model) if run.strategy.sharded else state.module
+    if run.accelerator.is_main_process:
+        run.folder.write_weights(weights, name)
+
+
+def memory_of(run: Run, records: list[StepRecord]) -> MemoryInfo:
+    """This rank's memory over this session's steps (held gradients and activations: the largest seen)."""
+    state = model_state_bytes(run.state.model, run.state.optimizer)
+    return MemoryInfo(
+        params_bytes=state.params,
+        optimizer_bytes=state.optimizer,
+        held_grad_bytes=max((r.held_grad_bytes for r in records), default=0),
+        activation_bytes=max((r.activation_bytes for r in records), default=0),
+        peak_bytes=peak_memory_bytes(run.accelerator.device),
+    )
+
+
+def per_step(records: list[StepRecord]) -> dict[str, dict[str, float]]:
+    """Mean calls and bytes per optimizer step of each collective."""
+    kinds = sorted({kind for r in records for kind in r.collectives})
+    steps = max(len(records), 1)
+    return {
+        kind: {f: sum(r.collectives.get(kind, {}).get(f, 0) for r in records) / steps for f in ("calls", "bytes")}
+        for kind in kinds
+    }
+
+
+def summarize(run: Run, records: list[StepRecord], prior: int, memory: list[MemoryInfo], started: float) -> RunSummary:
     """The run's summary from its per-step records (every session's, after a resume)."""
     acc, cfg, batch = run.accelerator, run.cfg, run.plan.batch
     times = [r.step_time_s for r in records]
@@ -154,7 +185,10 @@ def summarize(run: Run, records: list[StepRecord], prior: int, peaks: list[int],
         samples_per_s=totals.samples / train_time_s if train_time_s else None,
         tokens_per_s=totals.items / train_time_s if train_time_s and run.task == LM else None,
         totals=totals,
-        peak_mem_bytes_per_rank=peaks,
+        strategy=run.strategy.name,
+        collectives_per_step=per_step(records),
+        memory_per_rank=memory,
+        peak_mem_bytes_per_rank=[m.peak_bytes for m in memory],
         peak_mem_source=memory_source(acc.device),
         wall_time_s=now_s() - started,
         resumed_from_step=run.resumed_from_step,

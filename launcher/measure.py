@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import accelerate
 import torch
@@ -31,6 +32,7 @@ COLLECTIVES = {
     "all_gather_into_tensor": "all_gather",
 }
 SCALAR = "scalar"  # the launcher's own small all-reduces
+GRADIENT_REDUCTIONS = ("all_reduce", "reduce_scatter")
 
 
 @dataclass
@@ -105,14 +107,15 @@ class CollectiveCounter:
         finally:
             self._scalar = False
 
-    def _gradient_calls(self) -> int:
-        return sum(t.calls for kind, t in self.traffic.items() if kind != SCALAR)
+    def _reductions(self) -> int:
+        return sum(t.calls for kind, t in self.traffic.items() if kind in GRADIENT_REDUCTIONS)
 
     @contextlib.contextmanager
     def round(self) -> Iterator[None]:
-        before = self._gradient_calls()
+        """A micro-step counts as a sync round when its backward reduced gradients (all-gathers do not count)."""
+        before = self._reductions()
         yield
-        self.rounds += int(self._gradient_calls() > before)
+        self.rounds += int(self._reductions() > before)
 
     def snapshot(self) -> tuple[dict[str, tuple[int, int]], int]:
         return {kind: (t.calls, t.bytes) for kind, t in self.traffic.items()}, self.rounds
@@ -166,6 +169,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """A value every rank holds whole (a DTensor's full value: the gradient norm under FSDP)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     t = local(tensor)
     return t.numel() * t.element_size()
@@ -193,7 +201,8 @@ def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 class SavedActivations:
     """Bytes of the tensors autograd saves for backward during a forward (the activations a micro-step holds
-    until its backward), counted through saved-tensor hooks; each storage once, parameters left out."""
+    until its backward), counted through saved-tensor hooks; each storage once, parameters left out (the
+    model's own, and the unsharded ones FSDP gathers, which are parameters too)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
@@ -203,7 +212,7 @@ class SavedActivations:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key not in self._params and key not in self._seen:
+        if key not in self._params and key not in self._seen and not isinstance(tensor, torch.nn.Parameter):
             self._seen.add(key)
             self.bytes += storage.nbytes()
         return tensor
@@ -214,3 +223,25 @@ class SavedActivations:
         self.bytes = 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
             yield self
+
+
+class MicroStepMeter:
+    """What a window holds in memory besides the model: the activations its first micro-step saves for the
+    backward, and the gradients held after that micro-step (what accumulation keeps between micro-steps: a
+    full replica's under DDP, unsharded ones under FSDP's no_sync, shards under every_step)."""
+
+    def __init__(self, strategy: Any, model: torch.nn.Module) -> None:
+        self.strategy, self.model = strategy, model
+        self._activations = SavedActivations(model)
+        self.activation_bytes = 0
+        self.held_grad_bytes = 0
+
+    @contextlib.contextmanager
+    def micro_step(self, index: int) -> Iterator[None]:
+        if index:
+            yield
+            return
+        with self._activations.counting():
+            yield
+        self.activation_bytes = self._activations.bytes
+        self.held_grad_bytes = self.strategy.held_gradient_bytes(self.model)

@@ -55,6 +55,11 @@ def make_plan(cfg: Config, world_size: int) -> RunPlan:
     batch = plan_batch(b.global_batch_size, b.micro_batch_size, b.accum_steps, world_size)
     if cfg.model.name in BATCH_NORM_MODELS and batch.micro_batch_size < 2:
         raise batch_norm_micro_batch_error(cfg.model.name, batch.micro_batch_size)
+    if cfg.parallel.strategy == "fsdp" and world_size < 2:
+        raise ConfigError(
+            f"parallel.strategy='fsdp' shards over processes, but the launch has {world_size}; launch 2 or more "
+            "(accelerate launch --multi_gpu --num_processes N), or use parallel.strategy=ddp"
+        )
     optim = resolve_optim(cfg.optim, batch.global_batch_size)
     max_steps = None if cfg.run.max_epochs > 0 else cfg.run.max_steps
     return RunPlan(batch, optim, cfg.run.max_epochs, max_steps)

@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from launcher.config import Config
 from launcher.data import TokenDataset
 from launcher.data.feed import WindowFeeder
-from launcher.parallel import DDP
+from launcher.measure import MicroStepMeter
+from launcher.parallel import Strategy
 from launcher.plan import RunPlan
 from launcher.rundir import DataInfo, RunDir
 from launcher.state import TrainState
@@ -22,7 +23,7 @@ class Run:
     cfg: Config
     plan: RunPlan  # with the steps resolved
     accelerator: Accelerator
-    strategy: DDP
+    strategy: Strategy
     state: TrainState  # the only part that changes while training
     dataset: TokenDataset
     feeder: WindowFeeder  # each step's micro-batches, prepared a step ahead
@@ -34,3 +35,4 @@ class Run:
     stop_requested: Callable[[], bool] = lambda: False  # set by a signal on this rank
     resumed_from_step: int = 0
     num_labels: int = 0  # a classifier's classes (model.num_labels, or from the data)
+    meter: MicroStepMeter | None = None  # memory a micro-step holds: activations, gradients between micro-steps

@@ -45,12 +45,16 @@ class StepRecord:
     items: int  # items that carried loss: next-token targets (LM) or samples (classifier)
     samples: int
     step_time_s: float
-    sync_rounds: int  # micro-steps whose backward sent gradients
-    allreduce_calls: int  # gradient collectives (the launcher's scalar all-reduces not included)
+    sync_rounds: int  # micro-steps whose backward reduced gradients
+    allreduce_calls: int  # gradient all-reduces (DDP's buckets; the launcher's scalar all-reduces not included)
     allreduce_bytes: int
     peak_mem_bytes: int
     skipped: bool  # non-finite loss or gradients on some rank: no optimizer step
     nonfinite_ranks: int
+    # Every collective of the step by kind (all_reduce, reduce_scatter, all_gather, scalar): {calls, bytes}.
+    collectives: dict[str, dict[str, int]] = field(default_factory=dict)
+    activation_bytes: int = 0  # saved for backward by the step's first micro-step
+    held_grad_bytes: int = 0  # gradients this rank holds after that micro-step
     eval: dict[str, Any] | None = None  # on a step where evaluation ran
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +71,22 @@ class Totals:
     sync_rounds: int
     allreduce_calls: int
     allreduce_bytes: int
+
+
+@dataclass
+class MemoryInfo:
+    """One rank's memory, from the tensors it holds (meaningful on CPU too, where the process's peak resident
+    set is mostly the runtime): model state from its local shards, and what a window held."""
+
+    params_bytes: int
+    optimizer_bytes: int
+    held_grad_bytes: int  # the most gradients held between micro-steps
+    activation_bytes: int  # the most activations one micro-step saved for its backward
+    peak_bytes: int  # the allocator's peak on CUDA, the peak resident set on CPU
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.params_bytes + self.optimizer_bytes + self.held_grad_bytes
 
 
 @dataclass
@@ -132,6 +152,9 @@ class RunSummary:
     samples_per_s: float | None
     tokens_per_s: float | None  # language models only: a classifier's items are its samples
     totals: Totals
+    strategy: str
+    collectives_per_step: dict[str, dict[str, float]]  # by kind: mean calls and bytes per optimizer step
+    memory_per_rank: list[MemoryInfo]
     peak_mem_bytes_per_rank: list[int]
     peak_mem_source: str
     wall_time_s: float
@@ -218,12 +241,13 @@ class RunDir:
     def write_summary(self, summary: RunSummary) -> None:
         write_json_atomic(self.path / SUMMARY, to_json(summary))
 
-    def write_weights(self, module: Any, name: str = WEIGHTS) -> None:
-        """Weights as safetensors (the final ones unless ``name`` says otherwise); tied tensors (GPT-2's
-        embedding/head) are stored once."""
-        from safetensors.torch import save_model  # torch: compare reads run folders before it needs torch
+    def write_weights(self, weights: Any, name: str = WEIGHTS) -> None:
+        """Weights as safetensors (the final ones unless ``name`` says otherwise): a module, whose tied tensors
+        (GPT-2's embedding/head) are stored once, or a state dict already without duplicates."""
+        from safetensors.torch import save_file, save_model  # torch: compare reads run folders before it needs it
 
-        atomic_output(self.path / name, lambda tmp: save_model(module, tmp))
+        write = save_file if isinstance(weights, dict) else save_model
+        atomic_output(self.path / name, lambda tmp: write(weights, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -19,7 +19,8 @@ import torch
 from launcher.distributed import all_reduce_sum
 from launcher.loss import micro_step_scales, summed_loss
 from launcher.lr import lr_at
-from launcher.measure import COUNTER, now_s, peak_memory_bytes, synchronize
+from launcher.measure import COUNTER, Traffic, now_s, peak_memory_bytes, replicated, synchronize
+from launcher.records import to_json
 from launcher.run import Run
 from launcher.rundir import StepRecord
 
@@ -46,10 +47,10 @@ def accumulate(run: Run, batches: list[dict[str, torch.Tensor]], scales: list[fl
     loss of the window."""
     model, device, task = run.state.model, run.accelerator.device, run.task
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, scale, sync in zip(batches, scales, syncs, strict=True):
+    for m, (batch, scale, sync) in enumerate(zip(batches, scales, syncs, strict=True)):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with run.strategy.sync(model, sync), COUNTER.round():
+        with run.strategy.sync(model, sync), COUNTER.round(), run.meter.micro_step(m):
             loss = summed_loss(model(**batch).logits, labels, task)
             run.accelerator.backward(loss * scale)
         loss_sum += loss.detach().double()  # stays on the device: no sync per micro-step
@@ -75,7 +76,7 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
 
     # Clip once per optimizer step, on the synced gradients; with clipping off the norm is still logged.
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(run.state.model.parameters(), max_norm))
+    grad_norm = float(replicated(acc.clip_grad_norm_(run.state.model.parameters(), max_norm)))
     # Under fp16 an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
     grads_bad = not math.isfinite(grad_norm) and acc.scaler is None
     verdict = agree(run, local_loss, not math.isfinite(local_loss) or grads_bad, run.stop_requested())
@@ -94,8 +95,11 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
         samples=window.samples,
         step_time_s=now_s() - started,
         sync_rounds=sent.rounds,
-        allreduce_calls=sent.gradient_calls,
-        allreduce_bytes=sent.gradient_bytes,
+        allreduce_calls=sent.by_collective.get("all_reduce", Traffic()).calls,
+        allreduce_bytes=sent.by_collective.get("all_reduce", Traffic()).bytes,
+        collectives={kind: to_json(t) for kind, t in sent.by_collective.items()},
+        activation_bytes=run.meter.activation_bytes,
+        held_grad_bytes=run.meter.held_grad_bytes,
         peak_mem_bytes=peak_memory_bytes(acc.device),
         skipped=skipped,
         nonfinite_ranks=verdict.nonfinite_ranks,

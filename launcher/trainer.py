@@ -16,6 +16,7 @@ from launcher.data import build_datasets
 from launcher.data.feed import WindowFeeder
 from launcher.evaluate import Evaluator
 from launcher.lr import ResolvedOptim
+from launcher.measure import MicroStepMeter
 from launcher.models import build_model, model_spec
 from launcher.parallel import strategy_for
 from launcher.plan import RunPlan
@@ -66,15 +67,17 @@ def build(
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
         # Before prepare(): DDP must wrap, and register the buffers of, the layers that will run.
         model = batchnorm.convert_sync_batchnorm(model, cuda=accelerator.device.type == "cuda")
-    strategy = strategy_for("ddp")
-    # Only model and optimizer go through prepare(): the sample order and the LR are owned by the loop.
-    prepared, optimizer = strategy.prepare(accelerator, model, build_optimizer(plan.optim, model))
+    if resume is not None:
+        checkpoint.load_weights(resume, model)  # a full replica's, before the strategy wraps or shards the model
+    strategy = strategy_for(cfg)
+    # Only model and optimizer go through the strategy: the sample order and the LR are owned by the loop.
+    prepared, optimizer = strategy.prepare(accelerator, model, lambda m: build_optimizer(plan.optim, m))
     state = TrainState(prepared, accelerator.unwrap_model(prepared), optimizer, accelerator.scaler)
     # Different dropout draws per rank, as separate devices would have; identical runs stay identical.
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)
     note = ""
     if resume is not None:
-        note = checkpoint.load_checkpoint(resume, state, accelerator.process_index, plan.batch.world_size)
+        note = checkpoint.load_checkpoint(resume, state, strategy, accelerator.process_index, plan.batch.world_size)
     evaluator = None
     if data.eval is not None:
         eval_batch = cfg.eval.batch_size or plan.batch.micro_batch_size
@@ -103,6 +106,7 @@ def build(
         evaluator=evaluator,
         stop_requested=stop_requested,
         resumed_from_step=state.step,
+        meter=MicroStepMeter(strategy, state.model),
     )
     return run, note
 

@@ -100,7 +100,7 @@ def test_preflight_names_what_breaks_equivalence(tmp_path):
 
 def test_preflight_names_batch_norm(tmp_path, monkeypatch):
     assert batch_norm_layers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) == ["BatchNorm1d"]
-    monkeypatch.setattr(preflight_module, "model_batch_norm", lambda train: ["BatchNorm1d"])
+    monkeypatch.setattr(preflight_module, "look_at_model", lambda train: preflight_module.ModelLook(["BatchNorm1d"], 0))
     planned = plan_modes(load_compare_config(write_compare_config(tmp_path, MODES, COMMON)))
     # Only wrong_lr (micro batch 8) takes its statistics over other samples than the reference (micro batch 2).
     assert [w for w in preflight(planned, planned[0]) if "BatchNorm" in w] == [

@@ -114,16 +114,17 @@ def test_full_disk_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     from launcher import checkpoint
+    from launcher.parallel import DDP
     from launcher.state import TrainState
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "_write_files", no_space)
+    monkeypatch.setattr(checkpoint, "_write_rank0_files", no_space)
     model = torch.nn.Linear(2, 2)
     state = TrainState(model, model, torch.optim.SGD(model.parameters(), lr=0.1), step=2)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the earlier checkpoints are kept"):
-        checkpoint.save_checkpoint(Accelerator(cpu=True), state, RunDir(tmp_path), {}, keep=2)
+        checkpoint.save_checkpoint(Accelerator(cpu=True), state, DDP(), RunDir(tmp_path), {}, keep=2)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 

@@ -110,6 +110,11 @@ def cost_of(summary: RunSummary, reference: RunSummary | None) -> Cost:
         peak_mem_source=summary.peak_mem_source,
         train_time_s=summary.train_time_s,
         wall_time_s=summary.wall_time_s,
+        collectives_per_step=summary.collectives_per_step,
+        params_bytes=max(m.params_bytes for m in summary.memory_per_rank),
+        optimizer_bytes=max(m.optimizer_bytes for m in summary.memory_per_rank),
+        held_grad_bytes=max(m.held_grad_bytes for m in summary.memory_per_rank),
+        activation_bytes=max(m.activation_bytes for m in summary.memory_per_rank),
     )
 
 
@@ -181,6 +186,7 @@ def _mode_result(pm: PlannedMode, outcome: LaunchOutcome, run: FinishedRun | Non
         precision=pm.train.precision,
         sync=pm.train.batch.sync,
         loss_normalization=pm.train.batch.loss_normalization,
+        strategy=pm.train.parallel.strategy,
         lr=pm.train.optim.lr,
         lr_scaling=pm.train.optim.lr_scaling,
         lr_resolved=summary.optim.lr_resolved if summary else pm.plan.optim.lr,

@@ -33,6 +33,11 @@ SPLIT_KEYS = frozenset(
         "run.expected_world_size",
         "run.save_initial_weights",
         "run.final_checkpoint",
+        "run.checkpoint_every",
+        "run.keep_checkpoints",
+        # Another way to add devices: sharding changes where the state lives, not the training.
+        "parallel.strategy",
+        "parallel.reshard_after_forward",
     }
 )
 
@@ -62,6 +67,8 @@ class PlannedMode:
         """The launch, with what else differs from the defaults: ``2p x mb1 x K=8, every_step, mean``."""
         t = self.train
         extras = [
+            "fsdp" if t.parallel.strategy == "fsdp" else "",
+            "no reshard" if t.parallel.strategy == "fsdp" and not t.parallel.reshard_after_forward else "",
             t.batch.sync if t.batch.sync != "no_sync" else "",
             t.batch.loss_normalization if t.batch.loss_normalization != "tokens" else "",
             t.precision if t.precision != "no" else "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from transformers import AutoModel
 
 from launcher.batchnorm import convert_sync_batchnorm, samples_per_statistic
-from launcher.builtin import BATCH_NORM_MODELS, BUILTIN_TASKS, SYNTHETIC_TASKS
+from launcher.builtin import BUILTIN_TASKS, SYNTHETIC_TASKS
 from launcher.compare.config import EQUAL
 from launcher.compare.modes import PlannedMode
 from launcher.config import Config
@@ -44,28 +45,30 @@ def model_dropout(train: Config) -> float:
     )
 
 
-def model_batch_norm(train: Config) -> list[str]:
-    """BatchNorm layers of the model a mode's config names, without loading weights, as its launch will train
-    them: synced when model.sync_batchnorm is set and the mode has more than one process (plan_modes sets
-    run.expected_world_size to the mode's process count)."""
-    if train.model.name in BUILTIN_TASKS and train.model.name not in BATCH_NORM_MODELS:
-        # The built-in tiny GPT-2 and BERT normalize with LayerNorm only; building one just to look would
-        # cost the comparison seconds of transformers import before the first launch.
-        return []
-    with torch.device("meta"):  # the module tree without memory or a weights download
+@dataclass(frozen=True)
+class ModelLook:
+    batch_norm: list[str]  # BatchNorm layer types, as the mode's launch will train them
+    param_bytes: int  # the full model's parameters in the run's dtype
+
+
+def look_at_model(train: Config) -> ModelLook:
+    """The model a mode's config names, built on the meta device (the module tree, no memory, no weights
+    download): its BatchNorm layers (synced when model.sync_batchnorm is set and the mode has more than one
+    process; plan_modes sets run.expected_world_size to its process count) and its size."""
+    with torch.device("meta"):
         if train.model.name in BUILTIN_TASKS:
-            model = build_model(
-                model_spec(train.model), BUILTIN_TASKS[train.model.name], 2, train.data.seq_len, torch.float32
-            )
+            task = BUILTIN_TASKS[train.model.name]
+            model = build_model(model_spec(train.model), task, 2, train.data.seq_len, torch.float32)
         else:
             model = AutoModel.from_config(pretrained_config(train.model.name))
     if train.model.sync_batchnorm and train.run.expected_world_size > 1:
         model = convert_sync_batchnorm(model, cuda=torch.cuda.is_available())
-    return batch_norm_layers(model)
+    width = 8 if train.run.dtype == "float64" else 4
+    return ModelLook(batch_norm_layers(model), sum(p.numel() for p in model.parameters()) * width)
 
 
-def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]) -> list[str]:
-    train, why = pm.train, []
+def _mode_warnings(pm: PlannedMode, reference: PlannedMode, look: ModelLook) -> list[str]:
+    train, why, bn_layers = pm.train, [], look.batch_norm
     dropout = model_dropout(train)
     if dropout > 0:
         why.append(f"model.dropout={dropout:g} > 0: each split draws different dropout masks")
@@ -96,6 +99,12 @@ def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]
             )
     if pm.mode.expect == EQUAL and pm.changed:
         why.append(f"changes more than the split vs reference {reference.name!r} ({'; '.join(pm.changed)})")
+    if train.parallel.strategy == "fsdp" and train.batch.sync == "no_sync" and pm.plan.batch.accum_steps > 1:
+        why.append(
+            f"FSDP with batch.sync=no_sync holds the window's gradients unsharded between micro-steps: about "
+            f"{look.param_bytes / 2**20:,.1f} MiB per rank, a full replica's (batch.sync=every_step keeps them "
+            f"sharded, at {pm.plan.batch.accum_steps}x the reduce-scatter bytes)"
+        )
     if pm.plan.batch.world_size > (os.cpu_count() or 1):
         why.append(f"{pm.plan.batch.world_size} processes on {os.cpu_count()} cores: timings are oversubscribed")
     return why
@@ -103,18 +112,18 @@ def _mode_warnings(pm: PlannedMode, reference: PlannedMode, bn_layers: list[str]
 
 def preflight(planned: list[PlannedMode], reference: PlannedMode) -> list[str]:
     """Warnings about what will break equivalence, one line per cause, naming the modes."""
-    bn_cache: dict[str, list[str]] = {}
+    looks: dict[str, ModelLook] = {}
     by_cause: dict[str, list[str]] = {}
     for pm in planned:
         key = json.dumps([dataclasses.asdict(pm.train.model), pm.train.data.seq_len, pm.plan.batch.world_size])
-        if key not in bn_cache:
+        if key not in looks:
             try:
-                bn_cache[key] = model_batch_norm(pm.train)
+                looks[key] = look_at_model(pm.train)
             except Exception as err:  # inspection is best effort: a model that cannot load fails its run, reported
-                cause = f"could not inspect the model for BatchNorm ({type(err).__name__})"
+                cause = f"could not inspect the model ({type(err).__name__})"
                 by_cause.setdefault(cause, []).append(pm.name)
-                bn_cache[key] = []
-        for cause in _mode_warnings(pm, reference, bn_cache[key]):
+                looks[key] = ModelLook([], 0)
+        for cause in _mode_warnings(pm, reference, looks[key]):
             by_cause.setdefault(cause, []).append(pm.name)
     everyone = len(planned)
     return [

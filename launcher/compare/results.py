@@ -87,6 +87,13 @@ class Cost:
     peak_mem_source: str
     train_time_s: float
     wall_time_s: float
+    # By kind (all_reduce, reduce_scatter, all_gather, scalar): mean calls and bytes per optimizer step.
+    collectives_per_step: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The largest over the ranks, from the tensors: what a split costs in memory, meaningful on CPU too.
+    params_bytes: int = 0
+    optimizer_bytes: int = 0
+    held_grad_bytes: int = 0
+    activation_bytes: int = 0
 
 
 @dataclass
@@ -107,6 +114,7 @@ class ModeResult:
     precision: str
     sync: str
     loss_normalization: str
+    strategy: str
     lr: float
     lr_scaling: str
     lr_resolved: float  # what the run used (its summary.json); the planned value when it did not finish

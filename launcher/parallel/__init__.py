@@ -3,10 +3,16 @@ whether a micro-step's backward communicates gradients. The step calls nothing e
 
 from __future__ import annotations
 
+from launcher.config import Config
 from launcher.parallel.ddp import DDP
+from launcher.parallel.fsdp import FSDP
 
-__all__ = ["DDP", "strategy_for"]
+Strategy = DDP | FSDP
+
+__all__ = ["DDP", "FSDP", "Strategy", "strategy_for"]
 
 
-def strategy_for(name: str) -> DDP:
+def strategy_for(cfg: Config) -> Strategy:
+    if cfg.parallel.strategy == "fsdp":
+        return FSDP(cfg.model.name, cfg.parallel.reshard_after_forward)
     return DDP()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from launcher.compare.report.tables import (
     AGREEMENT_HEADER,
     BATCH_NORM_HEADER,
+    COMM_HEADER,
+    MEMORY_HEADER,
     agreement_rows,
     batch_norm_rows,
+    comm_rows,
     cost_header,
     cost_rows,
     eval_header,
@@ -15,6 +18,7 @@ from launcher.compare.report.tables import (
     findings,
     floor_lines,
     headline,
+    memory_rows,
 )
 from launcher.compare.results import Comparison
 
@@ -107,6 +111,18 @@ def markdown(result: Comparison) -> str:
         "start, imports and process group included).",
         "",
         md_table(cost_header(result), cost_rows(result)),
+        "",
+        "Communication per optimizer step, by collective: calls and the bytes requested (an all-reduce's tensor, "
+        "a reduce-scatter's full input, an all-gather's full output), counted where the strategies call them.",
+        "",
+        md_table(COMM_HEADER, comm_rows(result)),
+        "",
+        "Memory per rank, from the tensors it holds (the largest over the ranks): parameters and optimizer state "
+        "(local shards under FSDP), the gradients held between micro-steps, the activations the first micro-step "
+        "saved for its backward, and the model state they make together. Unlike the peak resident set above, "
+        "which on CPU is mostly the Python and torch runtime, these say what a split costs.",
+        "",
+        md_table(MEMORY_HEADER, memory_rows(result)),
         "",
         "![cost](cost.png)",
         "",

@@ -60,18 +60,27 @@ def plot_cost(result: Comparison, path: Path) -> None:
     measured = [m for m in result.modes if m.cost]
     names = [m.name for m in measured]
     colors = ["tab:gray" if m.baseline else "tab:blue" for m in measured]
+
+    def sent(m) -> float:  # every gradient and parameter collective of a step, whatever the strategy
+        return sum(c["bytes"] for kind, c in m.cost.collectives_per_step.items() if kind != "scalar")
+
+    def state(m) -> float:
+        return m.cost.params_bytes + m.cost.optimizer_bytes + m.cost.held_grad_bytes
+
     panels = [
         ("median optimizer-step time (ms)", [(m.cost.median_step_time_s or 0) * 1000 for m in measured], "{:.1f}"),
-        ("all-reduce per optimizer step (MiB)", [m.cost.allreduce_bytes_per_step / MIB for m in measured], "{:.2f}"),
+        ("collectives per optimizer step (MiB)", [sent(m) / MIB for m in measured], "{:.2f}"),
+        ("model state per rank (MiB)", [state(m) / MIB for m in measured], "{:.2f}"),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(names) + 2))
     for ax, (title, values, fmt) in zip(axes, panels, strict=True):
         bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize="small")
         ax.set_title(title, fontsize="medium")
         ax.invert_yaxis()  # run order, top to bottom
         ax.margins(x=0.25)
-    axes[1].set_yticklabels([])
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
     fig.suptitle("cost by mode (gray: baselines expected to differ or cost more)", fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -154,6 +154,61 @@ def cost_rows(result: Comparison) -> list[list[str]]:
     return rows
 
 
+COLLECTIVES = [("all_reduce", "all-reduce"), ("reduce_scatter", "reduce-scatter"), ("all_gather", "all-gather")]
+COMM_HEADER = ["mode", "launch", *[name for _, name in COLLECTIVES], "scalar"]
+
+
+def _traffic(c: dict[str, float] | None) -> str:
+    return "-" if not c else f"{c['calls']:g} x, {mib(c['bytes'])}"
+
+
+def comm_rows(result: Comparison) -> list[list[str]]:
+    """Per optimizer step, every collective the strategy called (calls, bytes requested) and the launcher's own
+    scalar all-reduces: DDP's buckets are all-reduces, FSDP's shards reduce-scatters and all-gathers."""
+    rows = []
+    for m in result.modes:
+        per_step = m.cost.collectives_per_step if m.cost else {}
+        rows.append(
+            [
+                m.name,
+                m.launch,
+                *[_traffic(per_step.get(kind)) for kind, _ in COLLECTIVES],
+                _traffic(per_step.get("scalar")),
+            ]
+        )
+    return rows
+
+
+MEMORY_HEADER = [
+    "mode",
+    "launch",
+    "parameters",
+    "optimizer state",
+    "gradients held",
+    "activations/micro-step",
+    "model state",
+]
+
+
+def memory_rows(result: Comparison) -> list[list[str]]:
+    """Per rank (the largest over the ranks), from the tensors each holds."""
+    rows = []
+    for m in result.modes:
+        c = m.cost
+        if not c:
+            rows.append([m.name, m.launch, *["-"] * 5])
+            continue
+        state = c.params_bytes + c.optimizer_bytes + c.held_grad_bytes
+        rows.append(
+            [
+                m.name,
+                m.launch,
+                *[mib(v) for v in (c.params_bytes, c.optimizer_bytes, c.held_grad_bytes, c.activation_bytes, state)],
+            ]
+        )
+    return rows
+
+
 def lr_of(mode: ModeResult) -> str:
     """``6e-05 (linear x3)``: the resolved peak learning rate and how it was reached."""
     text = f"{mode.lr_resolved:.3g}"

@@ -9,7 +9,10 @@ from launcher.compare.config import CompareConfig
 from launcher.compare.modes import PlannedMode
 from launcher.compare.report.tables import (
     AGREEMENT_HEADER,
+    COMM_HEADER,
+    MEMORY_HEADER,
     agreement_rows,
+    comm_rows,
     cost_header,
     cost_rows,
     eval_header,
@@ -17,6 +20,7 @@ from launcher.compare.report.tables import (
     findings,
     floor_lines,
     headline,
+    memory_rows,
 )
 from launcher.compare.results import Comparison
 
@@ -68,6 +72,8 @@ def print_result(console: Console, result: Comparison) -> None:
         _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
     )
     console.print(_table("cost (as measured by each run)", cost_header(result), cost_rows(result)))
+    console.print(_table("communication per optimizer step, by collective", COMM_HEADER, comm_rows(result)))
+    console.print(_table("memory per rank, from the tensors", MEMORY_HEADER, memory_rows(result)))
     for line in [*findings(result), *floor_lines(result)[1:]]:
         console.print(f"- {line}", highlight=False)
     style = "green" if result.ok else "red"
