@@ -1,6 +1,6 @@
 """Regenerate compare_golden.json: tests/test_core.py's comparison, with its folders made relative.
 
-    python tests/data/make_golden.py      # about a minute on 2 cores
+python tests/data/make_golden.py      # about a minute on 2 cores
 """
 
 from __future__ import annotations
