@@ -6,6 +6,8 @@
 #   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500 with NNODES>1, else 0 = a free port)
 #   NPROC       processes per node on CPU (default 2); ignored when GPUs are visible
 #   RDZV_BACKEND  static (default) or c10d (elastic rendezvous at MASTER_ADDR:MASTER_PORT)
+#   MAX_RESTARTS  restarts of the node's workers when one fails (default 0): a self-healing run resumes from
+#                 its newest checkpoint (README, "Self-healing runs")
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository (/app in the image): launcher/ and configs/ are relative to it
 
@@ -47,6 +49,9 @@ fi
 total=$((per_node * NNODES))
 if [[ "$total" -gt 1 ]]; then
   args+=(--multi_gpu --num_processes "$total" --main_process_port "$MASTER_PORT")
+  if [[ "${MAX_RESTARTS:-0}" -gt 0 ]]; then
+    args+=(--max_restarts "$MAX_RESTARTS")
+  fi
 else
   args+=(--num_processes 1)
 fi

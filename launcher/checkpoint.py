@@ -22,6 +22,7 @@ deleted before its successor exists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -48,7 +49,7 @@ from launcher.config import Config, UserError
 from launcher.data.sources import first_line
 from launcher.distributed import all_reduce_sum, gather_object
 from launcher.files import fsync_path, write_json_atomic
-from launcher.measure import COUNTER, local
+from launcher.measure import COUNTER, local, model_state_bytes
 from launcher.parallel import Strategy
 from launcher.plan import RunPlan
 from launcher.rundir import CHECKPOINT_META, PARTIAL_PREFIX, RunDir
@@ -126,9 +127,15 @@ def save_checkpoint(
     if exists:
         return final
     meta = {**meta, "step": state.step, "layout": "sharded" if strategy.sharded else "full"}
+    needed = _bytes_needed(state, accelerator.num_processes if strategy.sharded else 1)
     try:
         if main:
             run.remove_partial_checkpoints()
+            run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            # Refused before anything is written when the disk cannot hold it; a disk that fills up while
+            # writing is caught below, the same way.
+            if shutil.disk_usage(run.checkpoints_dir).free < needed:
+                raise _no_room(run, state.step, needed, while_writing=False)
             tmp.mkdir(parents=True)
         if strategy.sharded:
             accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
@@ -144,9 +151,15 @@ def save_checkpoint(
             os.rename(tmp, final)
             fsync_path(final.parent)
             run.prune_checkpoints(keep)
-    except (OSError, CheckpointException) as err:
+    except (Exception, CheckpointException) as err:
+        # torch.save and safetensors report a full disk as their own errors carrying the OS's message.
+        full = getattr(err, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err)
+        if not (full or isinstance(err, (OSError, CheckpointException))):
+            raise  # a collective that failed (main() reports it), or a bug
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _no_room(run, state.step, needed, while_writing=True) from None
         reason = getattr(err, "strerror", None) or first_line(err)
         raise CheckpointError(
             f"could not write checkpoint {str(final)!r}: {reason}; the earlier checkpoints are kept"
@@ -155,6 +168,22 @@ def save_checkpoint(
     # collective while rank 0 writes files made gloo abort at teardown (1 launch in ~5, measured).
     accelerator.wait_for_everyone()
     return final
+
+
+def _bytes_needed(state: TrainState, shards: int) -> int:
+    """About what a checkpoint takes on disk: the model and optimizer state (this rank's shard times the shards)."""
+    sizes = model_state_bytes(state.model, state.optimizer)
+    return (sizes.params + sizes.optimizer) * shards
+
+
+def _no_room(run: RunDir, step: int, needed: int, while_writing: bool) -> CheckpointError:
+    free = shutil.disk_usage(run.checkpoints_dir).free
+    when = "the disk filled up while writing it" if while_writing else "refused before writing"
+    return CheckpointError(
+        f"run.output_dir={str(run.path)!r}: no room for the checkpoint of step {step} ({when}): it needs about "
+        f"{needed:,} bytes and {free:,} are free; the earlier checkpoints are kept: free some space (bytes or "
+        "files) and resume with run.resume=auto"
+    )
 
 
 def _write_rank0_files(folder: Path, state: TrainState, rng_states: list[dict[str, Any]], full: bool) -> None:

@@ -13,6 +13,7 @@ are public: the comparison tool builds its own config with them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class RunConfig(Section):
     max_consecutive_nonfinite: int = option(3, "stop the run when this many steps in a row were skipped")
     inject_nan_at_step: int = option(0, "test hook: make this optimizer step's loss NaN (1-based; 0 = off)")
     inject_nan_rank: int = option(0, "test hook: the rank whose loss run.inject_nan_at_step poisons")
+    inject_kill: str = option(
+        "", "fault hook: rank@step/attempt[,...]: SIGKILL that rank once that optimizer step is done in that attempt"
+    )
     log_with: str = option(
         "none", "Accelerate trackers besides metrics.jsonl: none, or a comma list (tensorboard, wandb, ...)"
     )
@@ -119,6 +123,12 @@ class RunConfig(Section):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         check(bool(self.resume), "resume", self.resume, "must be none, auto or a checkpoint folder")
         check(bool(self.log_with.strip()), "log_with", self.log_with, "must be none or a comma list of trackers")
+        check(
+            all(re.fullmatch(r"\d+@\d+/\d+", k.strip()) for k in self.inject_kill.split(",") if k.strip()),
+            "inject_kill",
+            self.inject_kill,
+            "a comma list of rank@step/attempt, e.g. 1@5/0 (rank 1 after step 5 of the first attempt)",
+        )
 
 
 @dataclass(frozen=True)

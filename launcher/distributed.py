@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,36 @@ def env_rank() -> int:
 def local_rank() -> int:
     """This process's rank on its machine: each machine's logs need the one error line, not only rank 0's."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """This process's start within its launch: 0 the first; n once its workers were started n times before,
+    by torchrun's elastic agent (``--max_restarts``) or by a machine's launch started again by hand."""
+
+    number: int
+    store: dist.Store | None = None  # the launch's store (torchrun's agent hosts it), this attempt's keys apart
+
+
+def join_launch(timeout_s: float) -> Attempt:
+    """Count this start in the launch's store, before anything else is decided.
+
+    Under torchrun's agent the store outlives the workers, and what an attempt leaves in it (each rank's
+    address, for the process group) is read by the next one: a rank that reads a stale address connects to a
+    dead process (measured: "Gloo connectFullMesh failed ... Connection refused" on about half of the
+    restarts). Each rank counts its own starts there; every rank of one attempt counts the same, also across
+    machines where the agents' own restart counts differ (a machine restarted by hand starts at 0).
+    """
+    if launched_world_size() == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return Attempt(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    store, rank, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    return Attempt(store.add(f"accum-launcher/starts/rank{rank}", 1) - 1, store)
+
+
+def restarts_used_up() -> tuple[int, bool]:
+    """(the restarts this machine's elastic agent allows, whether they are all used) (0, False) outside one."""
+    allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return allowed, allowed > 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) >= allowed
 
 
 def launched_world_size() -> int:
@@ -84,16 +115,24 @@ def tracker_values(record: dict[str, object]) -> dict[str, float]:
     return values
 
 
-def start_trackers(accelerator: Accelerator, config: dict[str, object]) -> None:
-    """Open the trackers of ``run.log_with`` (main process) with the run's flat config as hyperparameters."""
+def start_trackers(accelerator: Accelerator, config: dict[str, object], resumed_from_step: int, run_id: str) -> None:
+    """Open the trackers of ``run.log_with`` (main process) with the run's flat config as hyperparameters.
+
+    A resumed or restarted run continues the same tracker run: TensorBoard drops what the earlier session
+    logged after ``resumed_from_step`` (those steps are trained again), W&B reopens the run ``run_id``.
+    """
     if not accelerator.log_with:
         return
     # TensorBoard's hparams take bool, int, float and str only; a null (a derived batch size) is shown as one.
     hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
-    accelerator.init_trackers(TRACKER_PROJECT, config=hparams)
+    continued = {
+        "tensorboard": {"purge_step": resumed_from_step + 1} if resumed_from_step else {},
+        "wandb": {"id": run_id, "resume": "allow"},
+    }
+    accelerator.init_trackers(TRACKER_PROJECT, config=hparams, init_kwargs=continued)
 
 
-def init_accelerator(cfg: Config, trackers: list[str] | None = None) -> Accelerator:
+def init_accelerator(cfg: Config, trackers: list[str] | None = None, attempt: Attempt | None = None) -> Accelerator:
     """Form the process group the launch asked for, on GPUs when there are any, else on CPU with gloo.
 
     On a host without CUDA, ``accelerate launch --multi_gpu`` still starts N processes, but a plain
@@ -105,14 +144,16 @@ def init_accelerator(cfg: Config, trackers: list[str] | None = None) -> Accelera
     if cfg.precision == "fp16" and use_cpu:
         raise ConfigError("precision='fp16' needs a CUDA device; on CPU use precision=bf16 or precision=no")
     launched = launched_world_size()
+    timeout = timedelta(seconds=cfg.run.dist_timeout_s)
     try:
+        form_group(attempt or Attempt(0), use_cpu, timeout)
         accelerator = Accelerator(
             cpu=use_cpu,
             mixed_precision=cfg.precision,
             # Trackers that write files (TensorBoard) write under <output_dir>/logs/<TRACKER_PROJECT>/.
             log_with=trackers or None,
             project_dir=str(Path(cfg.run.output_dir) / "logs") if trackers else None,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout_s))],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         )
     except (ValueError, RuntimeError) as err:  # a half-set launch environment: say what is missing, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -124,6 +165,20 @@ def init_accelerator(cfg: Config, trackers: list[str] | None = None) -> Accelera
             f"(accelerate reports {accelerator.num_processes}); check the launch command and its accelerate config"
         )
     return accelerator
+
+
+def form_group(attempt: Attempt, use_cpu: bool, timeout: timedelta) -> None:
+    """Form the process group on this attempt's own keys of the launch's store (join_launch says why);
+    Accelerate keeps a group that is already formed."""
+    if attempt.store is None or dist.is_initialized():
+        return
+    dist.init_process_group(
+        "gloo" if use_cpu else "nccl",
+        store=dist.PrefixStore(f"accum-launcher/attempt-{attempt.number}", attempt.store),
+        rank=env_rank(),
+        world_size=launched_world_size(),
+        timeout=timeout,
+    )
 
 
 def backend_name() -> str:

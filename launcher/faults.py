@@ -2,6 +2,8 @@
 
 - ``run.inject_nan_at_step`` / ``run.inject_nan_rank``: that step's first forward returns NaN logits on
   that rank (a forward hook, registered for the one step and removed after it).
+- ``run.inject_kill=rank@step/attempt,...``: that rank SIGKILLs itself once that optimizer step is done (its
+  line logged, before any checkpoint of that step) in that attempt of a launch with restarts.
 - ``ACCUM_TEST_PAUSE_IN_SAVE_AT_STEP``: rank 0 holds the checkpoint save of that step open (files written,
   not yet renamed) until a signal arrives, so a test can kill a run at exactly that point.
 """
@@ -38,6 +40,12 @@ def nan_logits(model: torch.nn.Module, run: RunConfig, step: int, rank: int) -> 
         yield
     finally:
         handle.remove()
+
+
+def kill_if_asked(run: RunConfig, done: int, rank: int, attempt: int) -> None:
+    """SIGKILL this process when run.inject_kill names this rank, step (1-based, done) and attempt."""
+    if f"{rank}@{done}/{attempt}" in {k.strip() for k in run.inject_kill.split(",")}:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def pause_in_save(step: int) -> None:

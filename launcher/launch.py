@@ -36,14 +36,15 @@ class Machine:
 
 
 def accelerate_command(
-    num_processes: int, script: str | Path = TRAIN_SCRIPT, machine: Machine | None = None
+    num_processes: int, script: str | Path = TRAIN_SCRIPT, machine: Machine | None = None, max_restarts: int = 0
 ) -> list[str]:
     """`accelerate launch` for ``num_processes`` processes, every default spelled out (so Accelerate prints no
     warning) and the multi-process path on CPU too.
 
     ``num_processes`` is Accelerate's: the total over all machines. Without ``machine`` the launch is this
     machine alone and the OS picks a free port; with one, it is that machine's share (num_processes /
-    num_machines) of a job that meets at ``machine``'s rendezvous.
+    num_machines) of a job that meets at ``machine``'s rendezvous. ``max_restarts``: torchrun's elastic agent
+    restarts the workers that many times when one fails (Accelerate runs 2 or more processes under it).
     """
     num_machines = machine.num_machines if machine else 1
     if num_processes % num_machines:
@@ -74,10 +75,14 @@ def accelerate_command(
         ]
     elif num_processes > 1:
         cmd += ["--multi_gpu", "--main_process_port", "0"]
+    if max_restarts:
+        cmd += ["--max_restarts", str(max_restarts)]
     return [*cmd, str(script)]
 
 
-def job_commands(num_processes: int, num_machines: int = 1, script: str | Path = TRAIN_SCRIPT) -> list[list[str]]:
+def job_commands(
+    num_processes: int, num_machines: int = 1, script: str | Path = TRAIN_SCRIPT, max_restarts: int = 0
+) -> list[list[str]]:
     """The commands of a job: one process runs the script itself (a launcher would only start it, at a second
     and a half of imports); more are one `accelerate launch` per machine. Several machines meet at one
     rendezvous on this host's loopback, on a port picked here: ``--main_process_port 0`` would give each
@@ -85,10 +90,11 @@ def job_commands(num_processes: int, num_machines: int = 1, script: str | Path =
     if num_processes == 1:
         return [[sys.executable, str(script)]]
     if num_machines == 1:
-        return [accelerate_command(num_processes, script)]
+        return [accelerate_command(num_processes, script, max_restarts=max_restarts)]
     port = free_port()
     return [
-        accelerate_command(num_processes, script, Machine(num_machines, rank, port)) for rank in range(num_machines)
+        accelerate_command(num_processes, script, Machine(num_machines, rank, port), max_restarts)
+        for rank in range(num_machines)
     ]
 
 

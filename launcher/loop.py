@@ -66,6 +66,7 @@ def run_loop(run: Run) -> Outcome:
             dump_config(cfg, {"run.max_steps": max_steps}),
             state.step,
             keep_checkpoints=cfg.run.resume != "none",
+            restart=run.restart,
         )
         progress = StepProgress(max_steps, cfg.run.log_every_steps)
     if cfg.run.save_initial_weights and state.step == 0:
@@ -86,6 +87,7 @@ def run_loop(run: Run) -> Outcome:
                 progress.update(record)
                 if record.eval is not None:
                     progress.note(f"eval {describe_eval(record.eval)}")
+            faults.kill_if_asked(cfg.run, done, acc.process_index, run.restart.attempt if run.restart else 0)
             if acc.trackers:  # run.log_with: the same record, numeric fields only (main process only)
                 acc.log(tracker_values(record.to_json()), step=done)
             check_nonfinite(cfg, records[prior:])
@@ -108,6 +110,8 @@ def run_loop(run: Run) -> Outcome:
     write_weights(run, WEIGHTS)
     if main:
         summary.wall_time_s = now_s() - started
+        summary.restarts = run.folder.restarts()
+        summary.retrained_steps = sum(r.retrained_steps for r in summary.restarts)
         run.folder.write_summary(summary)
         print_summary(summary)
     # Nobody tears down the process group while rank 0 is still writing (gloo aborts on that).

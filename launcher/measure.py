@@ -210,11 +210,14 @@ class SavedActivations:
         self.bytes = 0
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
+        try:
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a wrapper subclass (a functional collective's result) has no storage of its own
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
         if key not in self._params and key not in self._seen and not isinstance(tensor, torch.nn.Parameter):
             self._seen.add(key)
-            self.bytes += storage.nbytes()
+            self.bytes += size
         return tensor
 
     @contextlib.contextmanager

@@ -14,7 +14,7 @@ from launcher.data.feed import WindowFeeder
 from launcher.measure import MicroStepMeter
 from launcher.parallel import Strategy
 from launcher.plan import RunPlan
-from launcher.rundir import DataInfo, RunDir
+from launcher.rundir import DataInfo, RestartRecord, RunDir
 from launcher.state import TrainState
 
 
@@ -36,3 +36,4 @@ class Run:
     resumed_from_step: int = 0
     num_labels: int = 0  # a classifier's classes (model.num_labels, or from the data)
     meter: MicroStepMeter | None = None  # memory a micro-step holds: activations, gradients between micro-steps
+    restart: RestartRecord | None = None  # this attempt's restart, under the elastic agent (None: the first)

@@ -4,6 +4,7 @@
     <output_dir>/metrics.jsonl       one StepRecord per optimizer step, flushed line by line
     <output_dir>/summary.json        the RunSummary, written once the run has finished
     <output_dir>/model.safetensors   the final weights
+    <output_dir>/restarts.jsonl      one RestartRecord per restart of a self-healing run (--max_restarts)
     <output_dir>/checkpoints/step-NNNNNNNN/   complete checkpoints (format: launcher.checkpoint)
     <output_dir>/logs/               the trackers' files (run.log_with)
 
@@ -15,6 +16,7 @@ step, and reading a run back as typed records. Only the main process writes here
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from launcher.records import from_json, to_json
 
 CONFIG, METRICS, SUMMARY, WEIGHTS = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
 INITIAL_WEIGHTS = "model_init.safetensors"  # run.save_initial_weights
+RESTARTS = "restarts.jsonl"
+TRACKER_RUN_ID = "logs/run-id"  # the trackers' run, kept across resumes and restarts
 RESULT_FILES = (METRICS, SUMMARY, WEIGHTS)  # what a started or finished run leaves
 CHECKPOINTS, CHECKPOINT_PREFIX, PARTIAL_PREFIX = "checkpoints", "step-", ".tmp-"
 CHECKPOINT_META = "meta.json"  # written last: a checkpoint folder with it is complete
@@ -62,6 +66,20 @@ class StepRecord:
         if record["eval"] is None:
             del record["eval"]
         return record
+
+
+@dataclass
+class RestartRecord:
+    """One restart of a run under torchrun's elastic agent: where the attempt before it got, and where this
+    one resumed (the steps in between are trained again, identically)."""
+
+    attempt: int  # 1 for the first restart
+    previous_reached_step: int  # the last step the attempt before logged
+    resumed_from_step: int  # the checkpoint this attempt continues from (0: from the start)
+
+    @property
+    def retrained_steps(self) -> int:
+        return max(self.previous_reached_step - self.resumed_from_step, 0)
 
 
 @dataclass
@@ -163,6 +181,8 @@ class RunSummary:
     eval: dict[str, Any] | None
     output_dir: str
     versions: dict[str, str] = field(default_factory=dict)
+    restarts: list[RestartRecord] = field(default_factory=list)  # every restart, in order
+    retrained_steps: int = 0  # trained again after the restarts, in all
 
 
 def check_folder(path: Path, key: str, found: list[str], overwrite: bool, what: str, overwrite_key: str) -> None:
@@ -214,13 +234,20 @@ class RunDir:
         found = [name for name in RESULT_FILES if (self.path / name).exists()]
         check_folder(self.path, "run.output_dir", found, overwrite or resuming, "a run", "run.overwrite")
 
-    def start(self, config_text: str, start_step: int, keep_checkpoints: bool) -> tuple[MetricsWriter, list]:
-        """Main process, before the first step: config.yaml, and metrics.jsonl fresh or continued after
-        ``start_step``. Returns the writer and the records kept from earlier sessions."""
+    def start(
+        self, config_text: str, start_step: int, keep_checkpoints: bool, restart: RestartRecord | None = None
+    ) -> tuple[MetricsWriter, list]:
+        """Main process, before the first step: config.yaml, metrics.jsonl fresh or continued after
+        ``start_step``, and the record of this attempt's ``restart``. Returns the writer and the records kept
+        from earlier sessions."""
         write_text_atomic(self.path / CONFIG, config_text)
         self.remove_partial_checkpoints()
+        if restart is not None:
+            self.record_restart(restart)
         if start_step == 0:
-            for stale in (*RESULT_FILES, INITIAL_WEIGHTS):  # only with run.overwrite=true: never mix two runs' files
+            # Reached only with run.overwrite=true or on a restart before the first checkpoint: never mix two
+            # runs' files (a restart keeps its history).
+            for stale in (*RESULT_FILES, INITIAL_WEIGHTS, *([RESTARTS] if restart is None else [])):
                 (self.path / stale).unlink(missing_ok=True)
             if not keep_checkpoints:
                 shutil.rmtree(self.checkpoints_dir, ignore_errors=True)  # a later resume=auto must not find them
@@ -230,6 +257,18 @@ class RunDir:
         for stale in (SUMMARY, WEIGHTS):
             (self.path / stale).unlink(missing_ok=True)
         return MetricsWriter(self.path / METRICS, append=True), kept
+
+    def record_restart(self, restart: RestartRecord) -> None:
+        """Main process: append one restart to restarts.jsonl (line by line, like the metrics)."""
+        with (self.path / RESTARTS).open("a") as f:
+            f.write(json.dumps(to_json(restart)) + "\n")
+
+    def restarts(self) -> list[RestartRecord]:
+        try:
+            lines = (self.path / RESTARTS).read_text().splitlines()
+        except OSError:
+            return []
+        return [from_json(RestartRecord, json.loads(line)) for line in lines if line.strip()]
 
     def truncate_metrics(self, last_step: int) -> list[StepRecord]:
         """Keep the records of steps 1..``last_step`` and drop a torn last line; rewrites metrics.jsonl
@@ -248,6 +287,16 @@ class RunDir:
 
         write = save_file if isinstance(weights, dict) else save_model
         atomic_output(self.path / name, lambda tmp: write(weights, tmp))
+
+    def tracker_run_id(self, continued: bool) -> str:
+        """Main process: the trackers' run id, new for a fresh run, the earlier one for a continued run."""
+        path = self.path / TRACKER_RUN_ID
+        if continued and path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_id = secrets.token_hex(8)
+        write_text_atomic(path, run_id + "\n")
+        return run_id
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

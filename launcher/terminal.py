@@ -91,7 +91,8 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         ("sync rounds", f"{totals.sync_rounds} ({totals.sync_rounds / max(s.steps, 1):g}/step)"),
         ("all-reduce", f"{totals.allreduce_bytes / 2**20:,.2f} MiB in {totals.allreduce_calls} calls"),
         ("peak memory / process", f"{max(s.peak_mem_bytes_per_rank) / 2**20:,.1f} MiB"),
-        ("wall time", f"{s.wall_time_s:.1f} s"),
+        ("wall time", f"{s.wall_time_s:.1f} s" + (" (the last attempt)" if s.restarts else "")),
+        *([("restarts", f"{len(s.restarts)} ({s.retrained_steps} step(s) trained again)")] if s.restarts else []),
         *([("eval", describe_eval(s.eval))] if s.eval else []),
         ("output", s.output_dir),
     ]

@@ -10,6 +10,8 @@ accum_steps = global_batch_size / (micro_batch_size x world_size).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -24,12 +26,13 @@ from launcher.config import Config, UserError, dump_config, flatten, keys_help, 
 from launcher.loop import NonFiniteError, run_loop
 from launcher.measure import COUNTER
 from launcher.plan import RunPlan, make_plan
-from launcher.rundir import RunDir
+from launcher.rundir import RestartRecord, RunDir
 
 # Exit codes (README, "Checkpoints and resume").
 EXIT_USER_ERROR = 2  # bad config, checkpoint or output folder: one "error:" line
 EXIT_NONFINITE = 3  # non-finite loss/gradients with run.on_nonfinite=stop, or too many skipped steps in a row
 EXIT_COLLECTIVE = 4  # a collective failed: another rank died, or one hung past run.dist_timeout_s
+EXIT_REPEATED = 5  # a self-healing run failed at the same step on two attempts in a row: not restarted again
 USER_ERROR_GRACE_S = 10.0  # how long ranks that do not print a shared error wait for the one that does
 # Stopped by a signal after writing a checkpoint: 128 + the signal number, the code schedulers already read
 # as "preempted" (Slurm, Kubernetes).
@@ -111,6 +114,42 @@ def error_line(message: str, every_rank: bool = False) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+class RepeatedFailure(Exception):
+    """Two attempts in a row of a run with restarts failed at the same step: restarting again would fail too."""
+
+
+def healing(cfg: Config, folder: RunDir, attempt: distributed.Attempt) -> tuple[Config, RestartRecord | None]:
+    """A restarted attempt resumes from the newest complete checkpoint, whatever run.resume says: the folder
+    holds this run. Returns the config to train and the restart's record (None on the first attempt), whose
+    resume step is filled in later. Raises RepeatedFailure when the attempt before got no further than the
+    one before it."""
+    if attempt.number == 0:
+        return cfg, None
+    reached = max((r.step for r in folder.read_metrics()), default=0)
+    history = folder.restarts()
+    if history and history[-1].previous_reached_step == reached:
+        raise RepeatedFailure(
+            f"attempts {attempt.number - 2} and {attempt.number - 1} both failed after step {reached}: the same "
+            f"failure again, not restarted{newest_checkpoint(folder)}; fix it and resume with run.resume=auto"
+        )
+    restarted = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="auto"))
+    return restarted, RestartRecord(attempt.number, reached, 0)
+
+
+def newest_checkpoint(folder: RunDir) -> str:
+    complete = folder.checkpoints()
+    return f"; the last complete checkpoint is {complete[-1][1]}" if complete else "; no complete checkpoint"
+
+
+def budget_note(cfg: Config | None) -> str:
+    """What an error line adds on the last attempt of a run with restarts: the budget is spent."""
+    allowed, used_up = distributed.restarts_used_up()
+    if not used_up:
+        return ""
+    where = newest_checkpoint(RunDir(cfg.run.output_dir)) if cfg is not None else ""
+    return f"; restarts used up ({allowed} of {allowed}){where}"
+
+
 def resume_point(cfg: Config, plan: RunPlan) -> checkpoint.CheckpointInfo | None:
     """The checkpoint to resume, checked against this run before anything is written."""
     path = checkpoint.resolve_resume(cfg)
@@ -125,27 +164,43 @@ def train(cfg: Config) -> bool:
     """Train ``cfg`` under this process's launch; returns whether the run stopped early (a signal or
     run.stop_at_step) after its checkpoint."""
     trackers = distributed.tracker_names(cfg.run.log_with)
+    folder = RunDir(cfg.run.output_dir)
+    distributed.preflight(cfg)  # the launch's interfaces, rank and rendezvous, before joining it
+    attempt = distributed.join_launch(cfg.run.dist_timeout_s)
+    cfg, restart = healing(cfg, folder, attempt)
     # Checks that need no process group run first, identically on every rank.
     plan = make_plan(cfg, distributed.launched_world_size())
     resume = resume_point(cfg, plan)
-    folder = RunDir(cfg.run.output_dir)
+    if restart is not None and resume is not None:
+        restart = dataclasses.replace(restart, resumed_from_step=resume.step)
     # Every rank checks, on every machine: on a shared filesystem they all see the same folder and refuse
     # together, at once, instead of leaving the other machines waiting in the rendezvous for a rank 0 that
     # has quit. Only the main process writes there, and only after the process group has formed (the gloo
     # connect, or DDP's first broadcast under NCCL, waits for every rank), hence after every rank's check:
     # a slower machine never finds the results of the run it belongs to (measured: 2 machines, one folder).
     # Continuing a run in its own folder is let in; a checkpoint from elsewhere never writes over a run here.
-    folder.check(cfg.run.overwrite, resuming=resume is not None and resume.in_folder(folder))
-    distributed.preflight(cfg)
-    accelerator = distributed.init_accelerator(cfg, trackers)
+    folder.check(cfg.run.overwrite, resuming=restart is not None or (resume is not None and resume.in_folder(folder)))
+    accelerator = distributed.init_accelerator(cfg, trackers, attempt)
     run = None
     try:
-        run, note = trainer.build(cfg, plan, accelerator, folder, resume, STOP_SIGNALS)
+        run, note = trainer.build(cfg, plan, accelerator, folder, resume, STOP_SIGNALS, restart)
         if accelerator.is_main_process:
             print(trainer.describe(run), flush=True)
+            if restart is not None:
+                print(
+                    f"restart {restart.attempt}: the attempt before failed after step {restart.previous_reached_step}",
+                    flush=True,
+                )
             if resume is not None:
                 print(f"resume: step {resume.step} from {resume.path} ({note})", flush=True)
-        distributed.start_trackers(accelerator, {**flatten(cfg.to_dict()), "optim.lr_resolved": run.plan.optim.lr})
+        if accelerator.is_main_process and trackers:
+            continued = run.resumed_from_step > 0 or restart is not None
+            distributed.start_trackers(
+                accelerator,
+                {**flatten(cfg.to_dict()), "optim.lr_resolved": run.plan.optim.lr},
+                run.resumed_from_step,
+                folder.tracker_run_id(continued),
+            )
         STOP_SIGNALS.install()
         outcome = run_loop(run)
         if outcome.stopped and accelerator.is_main_process:
@@ -165,23 +220,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     STOP_SIGNALS.received = None
     COUNTER.install()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print_config(cfg)
             return 0
         stopped = train(cfg)
-    except UserError as err:
+    except RepeatedFailure as err:
         error_line(str(err))
+        if distributed.local_rank() == 0 and distributed.restarts_used_up()[0]:
+            os.kill(os.getppid(), signal.SIGTERM)  # the elastic agent: restarting again would fail the same way
+        return EXIT_REPEATED
+    except UserError as err:
+        error_line(f"{err}{budget_note(cfg)}")
         return EXIT_USER_ERROR
     except (NonFiniteError, checkpoint.NonFiniteModelError) as err:
-        error_line(f"{err}; the last checkpoint holds the last finite model")
+        error_line(f"{err}; the last checkpoint holds the last finite model{budget_note(cfg)}")
         return EXIT_NONFINITE
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = err.filename or (cfg.run.output_dir if cfg else "")
+        error_line(
+            f"no space left on the device of {where!r}; free some space and resume with run.resume=auto "
+            f"(the complete checkpoints are kept){budget_note(cfg)}"
+        )
+        return EXIT_USER_ERROR
     except RuntimeError as err:  # DistError is one too
         message = distributed.comm_failure_message(err)
         if message is None:
             raise
-        error_line(message, every_rank=True)
+        error_line(f"{message}{budget_note(cfg)}", every_rank=True)
         return EXIT_COLLECTIVE
     finally:
         COUNTER.uninstall()

@@ -21,7 +21,7 @@ from launcher.models import build_model, model_spec
 from launcher.parallel import strategy_for
 from launcher.plan import RunPlan
 from launcher.run import Run
-from launcher.rundir import DataInfo, RunDir
+from launcher.rundir import DataInfo, RestartRecord, RunDir
 from launcher.state import TrainState
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -45,6 +45,7 @@ def build(
     folder: RunDir,
     resume: checkpoint.CheckpointInfo | None,
     stop_requested: Callable[[], bool],
+    restart: RestartRecord | None = None,
 ) -> tuple[Run, str]:
     """The run, prepared for the launch (same seed: same initial weights) and restored from ``resume``; returns
     it with a note on what the resume restored."""
@@ -107,6 +108,7 @@ def build(
         stop_requested=stop_requested,
         resumed_from_step=state.step,
         meter=MicroStepMeter(strategy, state.model),
+        restart=restart,
     )
     return run, note
 

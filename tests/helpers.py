@@ -28,21 +28,27 @@ TINY_LM = "configs/runs/tiny_lm.yaml"
 # ----------------------------------------------------------------------------------------------- launching
 
 
-def launch(
-    tmp_path: Path, nproc: int, *args: str, config: str = TINY_LM, timeout: float = 300, env: dict | None = None
-) -> LaunchOutcome:
+def launch(tmp_path: Path, nproc: int, *args: str, timeout: float = 300, **kwargs) -> LaunchOutcome:
     """Run the trainer to its end and return the outcome; its output is in the outcome's log. One process runs
     train.py directly (no launcher: about 1.5 s less), more go through `accelerate launch`."""
-    job = start(tmp_path, nproc, *args, config=config, env=env)
+    job = start(tmp_path, nproc, *args, **kwargs)
     return job.wait(timeout)
 
 
-def start(tmp_path: Path, nproc: int, *args: str, config: str = TINY_LM, env: dict | None = None) -> Job:
+def start(
+    tmp_path: Path,
+    nproc: int,
+    *args: str,
+    config: str = TINY_LM,
+    env: dict | None = None,
+    max_restarts: int = 0,
+    log: str = "launch.log",
+) -> Job:
     """Start the trainer without waiting, in its own session so that a test can signal or kill the whole group;
-    its output goes to tmp_path/launch.log, readable while it runs."""
-    (base,) = job_commands(nproc)
+    its output goes to tmp_path/``log``, readable while it runs. ``max_restarts``: under the elastic agent."""
+    (base,) = job_commands(nproc, max_restarts=max_restarts)
     command = [*base, "--config", config, *args]
-    return Job([command], [tmp_path / "launch.log"], {**launch_env(tmp_path / "tmp"), **(env or {})}).start()
+    return Job([command], [tmp_path / log], {**launch_env(tmp_path / "tmp"), **(env or {})}).start()
 
 
 def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> Path:

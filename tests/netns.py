@@ -6,6 +6,7 @@ Machine 0 is 10.77.0.1 and machine 1 is 10.77.0.2, addresses that exist only ins
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 ADDRS = ("10.77.0.1", "10.77.0.2")
+_PAIRS = itertools.count()
 
 
 @dataclass
@@ -35,7 +37,8 @@ def two_hosts() -> Iterator[list[Host]]:
     """Two namespaces joined by a veth pair; always removed, even when the test fails."""
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
         pytest.skip("network namespaces need root, iproute2's `ip` and util-linux's `unshare`")
-    tag = f"mn{os.getpid() % 100000}"  # unique per test process: other sessions may run the same test
+    # Unique per test process (other sessions may run the same tests) and per pair within it.
+    tag = f"mn{os.getpid() % 100000}{next(_PAIRS)}"
     pair = [Host(f"{tag}h{i}", f"{tag}v{i}", addr, f"node{i}") for i, addr in enumerate(ADDRS)]
     created: list[str] = []
     try:

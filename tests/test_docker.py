@@ -76,6 +76,12 @@ def test_entrypoint_c10d_rendezvous(tmp_path):
     assert argv[argv.index("--rdzv_backend") + 1] == "c10d"
     assert argv[argv.index("--num_processes") + 1] == "6"
     assert argv[argv.index("--main_process_port") + 1] == "29500"
+    assert "--max_restarts" not in argv
+
+
+def test_entrypoint_self_healing_restarts(tmp_path):
+    argv = entrypoint_argv(tmp_path, 8, NNODES="2", NODE_RANK="0", MASTER_ADDR="head", MAX_RESTARTS="3")
+    assert argv[argv.index("--max_restarts") + 1] == "3"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

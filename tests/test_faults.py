@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tests.helpers import (
     PAUSE_AT_4,
     assert_one_error_line,
     child_pids,
+    error_lines,
+    launch,
     paused_in_save,
     read_run,
     run_ok,
@@ -107,25 +110,33 @@ def test_unwritable_output_folder(tmp_path):
     assert_one_error_line(stderr, ("run.output_dir", "not writable"))
 
 
-def test_full_disk_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    # In-process: a save that hits ENOSPC is reported in one line and removes its temporary folder.
-    import errno
+@pytest.fixture(params=["size=4m", "size=64m,nr_inodes=17"], ids=["bytes", "files"])
+def small_disk(request, tmp_path):
+    """A tmpfs with room for two checkpoints of the tiny model (1.4 MB and 8 files each) and not a third: out of
+    bytes (refused before writing) or out of files (the disk fills up while writing)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", request.param, "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
-    from accelerate import Accelerator
 
-    from launcher import checkpoint
-    from launcher.parallel import DDP
-    from launcher.state import TrainState
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(checkpoint, "_write_rank0_files", no_space)
-    model = torch.nn.Linear(2, 2)
-    state = TrainState(model, model, torch.optim.SGD(model.parameters(), lr=0.1), step=2)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the earlier checkpoints are kept"):
-        checkpoint.save_checkpoint(Accelerator(cpu=True), state, DDP(), RunDir(tmp_path), {}, keep=2)
-    assert list((tmp_path / "checkpoints").iterdir()) == []
+def test_a_full_disk_keeps_the_last_checkpoint_and_resumes_once_freed(small_disk):
+    out = small_disk / "run"
+    args = (f"run.output_dir={out}", "run.max_steps=6", "run.checkpoint_every=2")
+    code, stderr = train_in_process(*args)
+    assert code == 2, stderr
+    line = assert_one_error_line(stderr, (f"run.output_dir={str(out)!r}", "no room for the checkpoint of step 6"))
+    assert "needs about" in line and "the earlier checkpoints are kept" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    subprocess.run(["mount", "-o", "remount,size=64m,nr_inodes=1000", str(small_disk)], check=True)
+    code, stderr = train_in_process(*args, "run.resume=auto")
+    assert code == 0, stderr
+    assert [m.step for m in read_run(out).metrics] == list(range(1, 7))
+    assert json.loads((out / "checkpoints" / "step-00000006" / "meta.json").read_text())["step"] == 6
 
 
 def step_record(step: int) -> StepRecord:
@@ -138,3 +149,31 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     kept = RunDir(tmp_path).truncate_metrics(3)
     assert [r.step for r in kept] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+# ---- self-healing runs (`accelerate launch --max_restarts N`): the budget ----
+
+CRASH = (*CHECKPOINTED, "run.inject_nan_at_step=6", "run.on_nonfinite=stop")  # exit 3 at step 6, every attempt
+
+
+@pytest.mark.launch
+def test_the_same_crash_on_two_attempts_is_not_restarted_again(tmp_path):
+    out = tmp_path / "out"
+    outcome = launch(tmp_path, 2, f"run.output_dir={out}", *CRASH, max_restarts=5)
+    assert outcome.returncode != 0
+    stops = [line for line in error_lines(outcome.log_text()) if "attempts" in line]
+    assert len(stops) == 1, outcome.log_text()[-4000:]
+    for words in ("attempts 0 and 1 both failed after step 6", "not restarted", "checkpoints/step-00000004"):
+        assert words in stops[0], stops[0]
+    assert outcome.log_text().count("plan: ") == 2, "a third attempt trained"
+    assert [r.attempt for r in RunDir(out).restarts()] == [1]
+
+
+def test_the_last_attempt_reports_the_budget_and_the_checkpoint(tmp_path, monkeypatch):
+    # The agent's budget reaches the workers as its environment: the last of 1 restart allowed.
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    code, stderr = train_directly(tmp_path / "out", "run.inject_nan_at_step=6", "run.on_nonfinite=stop")
+    assert code == 3
+    line = assert_one_error_line(stderr, ("step 6", "restarts used up (1 of 1)"))
+    assert line.endswith("the last complete checkpoint is " + str(tmp_path / "out/checkpoints/step-00000004")), line

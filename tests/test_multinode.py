@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from launcher.launch import REPO, launch_env
 from tests.helpers import TINY_LM, TRAIN, assert_one_error_line, read_run, rel_l2, run_ok, train_in_process
-from tests.netns import ADDRS, Host, ip, on_host
+from tests.netns import ADDRS, Host, ip, on_host, two_hosts
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -41,8 +42,9 @@ EQUIVALENCE = (
 )
 
 
-def accelerate_launch(rank: int, rdzv: str) -> list[str]:
+def accelerate_launch(rank: int, rdzv: str, max_restarts: int = 0) -> list[str]:
     """The documented multi-machine command: machine ``rank`` of 2, one process each (2 in all)."""
+    restarts = ["--max_restarts", str(max_restarts)] if max_restarts else []
     return [
         ACCELERATE,
         "launch",
@@ -63,6 +65,7 @@ def accelerate_launch(rank: int, rdzv: str) -> list[str]:
         "no",
         "--dynamo_backend",
         "no",
+        *restarts,
         TRAIN,
     ]
 
@@ -106,6 +109,38 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def train_args(out: Path, *overrides: str) -> list[str]:
+    return ["--config", TINY_LM, f"run.output_dir={out}", *EQUIVALENCE, *overrides]
+
+
+def logs_of(tmp_path: Path) -> str:
+    return "\n".join((tmp_path / f"machine{r}.log").read_text()[-3000:] for r in range(2))
+
+
+@pytest.fixture(scope="module")
+def net():
+    """Two hosts shared by the tests that leave the link up."""
+    with two_hosts() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, net) -> dict[str, tuple[Path, float]]:
+    """Two machines, one process each, under each rendezvous: the run folder and its wall time."""
+    found = {}
+    for rdzv in ("static", "c10d"):
+        root = tmp_path_factory.mktemp(rdzv)
+        started = time.monotonic()
+        procs = [
+            start_machine(root, host, rank, [*accelerate_launch(rank, rdzv), *train_args(root / "out")])
+            for rank, host in enumerate(net)
+        ]
+        codes = finish(procs, timeout_s=240)
+        assert codes == [0, 0], f"machines exited {codes}\n{logs_of(root)}"
+        found[rdzv] = (root / "out", time.monotonic() - started)
+    return found
+
+
 @pytest.fixture(scope="module")
 def one_machine(tmp_path_factory) -> dict:
     """The reference: 1 machine, 2 processes, same config."""
@@ -115,23 +150,51 @@ def one_machine(tmp_path_factory) -> dict:
 
 @pytest.mark.launch
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
-def test_two_machines_match_one_machine(tmp_path, hosts, one_machine, rdzv):
-    out = tmp_path / "two_machines"
-    train = ["--config", TINY_LM, f"run.output_dir={out}", *EQUIVALENCE]
-    started = time.monotonic()
-    procs = [
-        start_machine(tmp_path, host, rank, [*accelerate_launch(rank, rdzv), *train]) for rank, host in enumerate(hosts)
-    ]
-    codes = finish(procs, timeout_s=240)
-    elapsed = time.monotonic() - started
-    logs = "\n".join((tmp_path / f"machine{r}.log").read_text()[-3000:] for r in range(2))
-    assert codes == [0, 0], f"machines exited {codes}\n{logs}"
+def test_two_machines_match_one_machine(uninterrupted, one_machine, rdzv):
+    out, elapsed = uninterrupted[rdzv]
     print(f"two-machine run ({rdzv}): {elapsed:.1f} s")
-
     two = read_run(out)
     assert two.summary.world_size == 2 and two.summary.backend == "gloo"
     distance = rel_l2(two.weights, one_machine.weights)
     assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 machine"
+
+
+def assert_healed(out: Path, reference: Path, restarts: list[tuple[int, int, int]]) -> None:
+    healed, straight = read_run(out), read_run(reference)
+    unequal = [k for k in straight.weights if not torch.equal(straight.weights[k], healed.weights[k])]
+    assert not unequal, f"weights differ from the uninterrupted run: {unequal[:3]}"
+    assert [m.step for m in healed.metrics] == list(range(1, 7))
+    assert [(r.attempt, r.previous_reached_step, r.resumed_from_step) for r in healed.summary.restarts] == restarts
+
+
+HEALING = ("run.checkpoint_every=2", "run.inject_kill=1@3/0")  # global rank 1 dies after step 3
+
+
+@pytest.mark.launch
+def test_a_killed_worker_restarts_both_machines(tmp_path, net, uninterrupted):
+    out = tmp_path / "out"
+    procs = [
+        start_machine(tmp_path, host, rank, [*accelerate_launch(rank, "c10d", 2), *train_args(out, *HEALING)])
+        for rank, host in enumerate(net)
+    ]
+    codes = finish(procs, timeout_s=240)
+    assert codes == [0, 0], f"machines exited {codes}\n{logs_of(tmp_path)}"
+    assert_healed(out, uninterrupted["c10d"][0], [(1, 3, 2)])
+
+
+@pytest.mark.launch
+def test_a_machine_launched_again_by_hand_rejoins(tmp_path, net, uninterrupted):
+    # Static rendezvous: global rank 1 is machine 1. Its first launch has no restarts, so it ends when its
+    # worker dies; machine 0's agent restarts its own worker, which waits for machine 1 to come back.
+    out = tmp_path / "out"
+    args = train_args(out, *HEALING)
+    machine0 = start_machine(tmp_path, net[0], 0, [*accelerate_launch(0, "static", 2), *args])
+    first = start_machine(tmp_path, net[1], 1, [*accelerate_launch(1, "static"), *args])
+    assert finish([first], timeout_s=120) != [0], logs_of(tmp_path)
+    again = start_machine(tmp_path, net[1], 1, [*accelerate_launch(1, "static", 2), *args])
+    codes = finish([machine0, again], timeout_s=240)
+    assert codes == [0, 0], f"machines exited {codes}\n{logs_of(tmp_path)}"
+    assert_healed(out, uninterrupted["static"][0], [(1, 3, 2)])
 
 
 @pytest.mark.launch

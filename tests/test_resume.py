@@ -1,8 +1,9 @@
 """Checkpoints and resume, with real launches.
 
 One module-scoped set of float64 runs (8 steps, AdamW, cosine LR with warmup, 40 samples so the epoch
-has a short last window) is shared by the resume assertions: straight, stopped at 4 and resumed, and
-stopped at 3 and 6 and resumed, each under 1 process (K=4) and 2 processes (K=2).
+has a short last window) is shared by the resume assertions: straight and stopped at 4 and resumed, under 1
+process (K=4) and 2 processes (K=2); stopped at 3 and 6 and resumed, and healed after two killed ranks
+under the elastic agent, on 2 processes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CHAINS = {
     "stop4": [("run.stop_at_step=4",), (AUTO,)],
     "stop3_6": [("run.stop_at_step=3",), (AUTO, "run.stop_at_step=6"), (AUTO,)],
 }
+SINGLE_PROCESS_CHAINS = ("straight", "stop4")  # two resumes in a row need not be run under both launches
+KILLS = "1@5/0,0@7/1"  # rank 1 after step 5 of the first attempt, rank 0 after step 7 of the restart
 
 
 def assert_same_run(a, b) -> None:
@@ -60,6 +63,8 @@ def runs(root) -> dict:
     found = {}
     for nproc in (1, 2):
         for name, chain in CHAINS.items():
+            if nproc == 1 and name not in SINGLE_PROCESS_CHAINS:
+                continue
             label = f"{name}_{nproc}"
             for i, overrides in enumerate(chain):
                 out = root / label
@@ -72,6 +77,9 @@ def runs(root) -> dict:
                     (partial / "model.safetensors").write_bytes(b"\0" * 100)
                 run_ok(root, nproc, label, *CHECKPOINTED, *overrides)
             found[label] = read_run(root / label)
+    found["healed_2"] = read_run(
+        run_ok(root, 2, "healed_2", *CHECKPOINTED, f"run.inject_kill={KILLS}", max_restarts=2, log="healed.log")
+    )
     # The 1 x K=4 checkpoint, resumed under 2 processes x K=2 (same global batch), in a fresh folder; launched
     # on a busy --main_process_port to see what accelerate does with one.
     with socket.socket() as busy:
@@ -94,10 +102,21 @@ def launch_on_port(root: Path, port: int, *overrides: str):
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("chain", ["stop4", "stop3_6"])
-def test_resumed_run_is_bitwise_the_straight_run(runs, chain, nproc):
-    assert_same_run(runs[f"straight_{nproc}"], runs[f"{chain}_{nproc}"])
+@pytest.mark.parametrize("label", ["stop4_1", "stop4_2", "stop3_6_2"])
+def test_resumed_run_is_bitwise_the_straight_run(runs, label):
+    assert_same_run(runs[f"straight_{label[-1]}"], runs[label])
+
+
+@pytest.mark.launch
+def test_killed_ranks_heal_to_the_uninterrupted_run(root, runs):
+    """Under `--max_restarts 2`, rank 1 SIGKILLed after step 5, then rank 0 after step 7 of the restart: each
+    restart resumes the newest checkpoint by itself, and every step is logged once."""
+    assert_same_run(runs["straight_2"], runs["healed_2"])
+    restarts = [(r.attempt, r.previous_reached_step, r.resumed_from_step) for r in runs["healed_2"].summary.restarts]
+    assert restarts == [(1, 5, 4), (2, 7, 6)]
+    assert runs["healed_2"].summary.retrained_steps == 2
+    log = (root / "healed.log").read_text()
+    assert "restart 1: the attempt before failed after step 5" in log and "resume: step 6 from" in log
 
 
 @pytest.mark.launch
