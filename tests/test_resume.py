@@ -41,7 +41,8 @@ CHAINS = {
     "stop3_6": [("run.stop_at_step=3",), (AUTO, "run.stop_at_step=6"), (AUTO,)],
 }
 SINGLE_PROCESS_CHAINS = ("straight", "stop4")  # two resumes in a row need not be run under both launches
-KILLS = "1@5/0,0@7/1"  # rank 1 after step 5 of the first attempt, rank 0 after step 7 of the restart
+# Rank 1 killed after step 5 of the first attempt, rank 0 after step 7 of the restart; logging to TensorBoard.
+HEALING = ("run.inject_kill=1@5/0,0@7/1", "run.log_with=tensorboard")
 
 
 def assert_same_run(a, b) -> None:
@@ -78,7 +79,7 @@ def runs(root) -> dict:
                 run_ok(root, nproc, label, *CHECKPOINTED, *overrides)
             found[label] = read_run(root / label)
     found["healed_2"] = read_run(
-        run_ok(root, 2, "healed_2", *CHECKPOINTED, f"run.inject_kill={KILLS}", max_restarts=2, log="healed.log")
+        run_ok(root, 2, "healed_2", *CHECKPOINTED, *HEALING, max_restarts=2, log="healed.log")
     )
     # The 1 x K=4 checkpoint, resumed under 2 processes x K=2 (same global batch), in a fresh folder; launched
     # on a busy --main_process_port to see what accelerate does with one.
@@ -117,6 +118,17 @@ def test_killed_ranks_heal_to_the_uninterrupted_run(root, runs):
     assert runs["healed_2"].summary.retrained_steps == 2
     log = (root / "healed.log").read_text()
     assert "restart 1: the attempt before failed after step 5" in log and "resume: step 6 from" in log
+
+
+@pytest.mark.launch
+def test_tensorboard_continues_the_healed_run_without_repeats(root, runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "healed_2" / "logs" / "accum-launcher"))
+    events.Reload()
+    # Three sessions' event files; steps 5 and 7 were logged twice and the earlier copies are purged.
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(runs["healed_2"].losses, rel=1e-6)
 
 
 @pytest.mark.launch
