@@ -106,6 +106,12 @@ class RunConfig(Section):
     log_with: str = option(
         "none", "Accelerate trackers besides metrics.jsonl: none, or a comma list (tensorboard, wandb, ...)"
     )
+    time_breakdown: str = option(
+        "auto",
+        "per-step phase times in metrics.jsonl: auto (host timers on CPU, CUDA events on GPU: no extra sync), "
+        "synced (synchronize at every phase on CUDA: exact, slower) or none",
+        choices=("auto", "synced", "none"),
+    )
     save_initial_weights: bool = option(
         False, "also write the weights before the first step (model_init.safetensors): what training changed"
     )

@@ -60,6 +60,18 @@ def restarts_used_up() -> tuple[int, bool]:
     return allowed, allowed > 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) >= allowed
 
 
+PIN_CORES_ENV = "ACCUM_PIN_CORES"
+
+
+def pin_to_core() -> None:
+    """With ACCUM_PIN_CORES=1 (the benchmarks), keep this process on one core of its own: the local rank's
+    among the cores it may use, so that ranks neither share nor swap cores between runs."""
+    if os.environ.get(PIN_CORES_ENV) != "1":
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[local_rank() % len(cores)]})
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (WORLD_SIZE; 1 when not launched)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

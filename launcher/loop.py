@@ -14,6 +14,7 @@ from launcher.run import Run
 from launcher.rundir import INITIAL_WEIGHTS, WEIGHTS, MemoryInfo, OptimInfo, RunSummary, StepRecord, Totals
 from launcher.step import train_step
 from launcher.terminal import StepProgress, describe_eval, print_summary
+from launcher.timing import median_breakdown
 
 
 class NonFiniteError(RuntimeError):
@@ -185,6 +186,7 @@ def summarize(run: Run, records: list[StepRecord], prior: int, memory: list[Memo
         first_loss=records[0].loss if records else None,
         final_loss=records[-1].loss if records else None,
         median_step_time_s=statistics.median(times) if times else None,
+        median_time_breakdown=median_breakdown([r.time_breakdown for r in records]),
         train_time_s=train_time_s,
         samples_per_s=totals.samples / train_time_s if train_time_s else None,
         tokens_per_s=totals.items / train_time_s if train_time_s and run.task == LM else None,

@@ -76,6 +76,7 @@ class CollectiveCounter:
         self.rounds = 0
         self._originals: dict[str, Callable] = {}
         self._scalar = False
+        self.on_reduction: Callable[[], None] | None = None  # called as each gradient reduction is launched
 
     def install(self) -> None:
         for name, kind in COLLECTIVES.items():
@@ -95,6 +96,8 @@ class CollectiveCounter:
             entry = self.traffic.setdefault(SCALAR if self._scalar else kind, Traffic())
             entry.calls += 1
             entry.bytes += _tensor_bytes(name, args, kwargs)
+            if self.on_reduction is not None and not self._scalar and kind in GRADIENT_REDUCTIONS:
+                self.on_reduction()
             return original(*args, **kwargs)
 
         return counted

@@ -16,6 +16,7 @@ from launcher.parallel import Strategy
 from launcher.plan import RunPlan
 from launcher.rundir import DataInfo, RestartRecord, RunDir
 from launcher.state import TrainState
+from launcher.timing import StepClock
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,4 @@ class Run:
     num_labels: int = 0  # a classifier's classes (model.num_labels, or from the data)
     meter: MicroStepMeter | None = None  # memory a micro-step holds: activations, gradients between micro-steps
     restart: RestartRecord | None = None  # this attempt's restart, under the elastic agent (None: the first)
+    clock: StepClock | None = None  # the per-step time breakdown (run.time_breakdown)

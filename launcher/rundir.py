@@ -60,6 +60,8 @@ class StepRecord:
     activation_bytes: int = 0  # saved for backward by the step's first micro-step
     held_grad_bytes: int = 0  # gradients this rank holds after that micro-step
     eval: dict[str, Any] | None = None  # on a step where evaluation ran
+    # Seconds per phase on the main process (launcher.timing: data_s, forward_s, ...); None with it off.
+    time_breakdown: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         record = to_json(self)
@@ -124,6 +126,7 @@ class DataInfo:
     rows_used: int = 0  # of them, trained on: after eval.fraction's carve and data.max_rows
     truncated_rows: int = 0  # source rows cut at data.seq_len by the tokenizer
     tokens: int = 0  # in the training source
+    tokenize_s: float = 0.0  # spent tokenizing the training source in this session (0 on a cache hit)
     layout: str = "rows"  # rows (padded per micro-batch) or blocks (data.seq_len + 1 tokens of a stream)
 
 
@@ -183,6 +186,7 @@ class RunSummary:
     versions: dict[str, str] = field(default_factory=dict)
     restarts: list[RestartRecord] = field(default_factory=list)  # every restart, in order
     retrained_steps: int = 0  # trained again after the restarts, in all
+    median_time_breakdown: dict[str, float] | None = None  # each phase's median (launcher.timing), main process
 
 
 def check_folder(path: Path, key: str, found: list[str], overwrite: bool, what: str, overwrite_key: str) -> None:

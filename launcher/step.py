@@ -45,14 +45,17 @@ def agree(run: Run, local_loss: float, nonfinite: bool, stop: bool) -> Agreement
 def accumulate(run: Run, batches: list[dict[str, torch.Tensor]], scales: list[float], syncs: list[bool]) -> float:
     """Forward and backward of every micro-batch; gradients add up in ``.grad``. Returns this rank's summed
     loss of the window."""
-    model, device, task = run.state.model, run.accelerator.device, run.task
+    model, device, task, clock = run.state.model, run.accelerator.device, run.task, run.clock
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for m, (batch, scale, sync) in enumerate(zip(batches, scales, syncs, strict=True)):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with clock.phase("data"):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = batch.pop("labels")
         with run.strategy.sync(model, sync), COUNTER.round(), run.meter.micro_step(m):
-            loss = summed_loss(model(**batch).logits, labels, task)
-            run.accelerator.backward(loss * scale)
+            with clock.phase("forward"):
+                loss = summed_loss(model(**batch).logits, labels, task)
+            with clock.backward():
+                run.accelerator.backward(loss * scale)
         loss_sum += loss.detach().double()  # stays on the device: no sync per micro-step
     return float(loss_sum)
 
@@ -68,7 +71,8 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
 
     # The divisor must be known before the first backward: the whole window's item count, over every rank,
     # which each rank counts itself from the window's samples.
-    window = run.feeder.window(step, run.plan.max_steps)
+    with run.clock.phase("data"):
+        window = run.feeder.window(step, run.plan.max_steps)
     global_items = window.global_items
     scales = micro_step_scales(window.local_items, global_items, batch_plan.world_size, cfg.batch.loss_normalization)
     syncs = [cfg.batch.sync == "every_step" or m == batch_plan.accum_steps - 1 for m in range(len(window.batches))]
@@ -76,15 +80,19 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
 
     # Clip once per optimizer step, on the synced gradients; with clipping off the norm is still logged.
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = float(replicated(acc.clip_grad_norm_(run.state.model.parameters(), max_norm)))
+    with run.clock.phase("optimizer"):
+        grad_norm = float(replicated(acc.clip_grad_norm_(run.state.model.parameters(), max_norm)))
     # Under fp16 an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
     grads_bad = not math.isfinite(grad_norm) and acc.scaler is None
-    verdict = agree(run, local_loss, not math.isfinite(local_loss) or grads_bad, run.stop_requested())
+    with run.clock.phase("scalars"):
+        verdict = agree(run, local_loss, not math.isfinite(local_loss) or grads_bad, run.stop_requested())
     skipped = verdict.nonfinite_ranks > 0
-    if not skipped:
-        run.state.optimizer.step()
-    run.state.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, not carried over
+    with run.clock.phase("optimizer"):
+        if not skipped:
+            run.state.optimizer.step()
+        run.state.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, not carried
     synchronize(acc.device)
+    step_time_s = now_s() - started
     sent = COUNTER.since(traffic)
     record = StepRecord(
         step=step + 1,
@@ -93,7 +101,7 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
         grad_norm=grad_norm,
         items=global_items,
         samples=window.samples,
-        step_time_s=now_s() - started,
+        step_time_s=step_time_s,
         sync_rounds=sent.rounds,
         allreduce_calls=sent.by_collective.get("all_reduce", Traffic()).calls,
         allreduce_bytes=sent.by_collective.get("all_reduce", Traffic()).bytes,
@@ -103,5 +111,6 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
         peak_mem_bytes=peak_memory_bytes(acc.device),
         skipped=skipped,
         nonfinite_ranks=verdict.nonfinite_ranks,
+        time_breakdown=run.clock.read(step_time_s),
     )
     return record, verdict.stop_ranks > 0

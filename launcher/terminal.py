@@ -67,12 +67,38 @@ class StepProgress(_LiveLines):
             print(f"step {record.step}/{self.total_steps}  {info}", flush=True)
 
 
+class RowProgress(_LiveLines):
+    """Rows tokenized so far: a bar on a terminal, a line per chunk otherwise."""
+
+    def __init__(self, what: str, total_rows: int, console: Console | None = None) -> None:
+        self.console = console or Console(file=sys.stdout)
+        self.what, self.total_rows = what, total_rows
+        self._progress: Progress | None = None
+        if self.console.is_terminal:
+            self._progress = _bar(self.console, f"[bold]tokenize {what}", TimeRemainingColumn())
+            self._task = self._progress.add_task("tokenize", total=total_rows, info="rows")
+            self._progress.start()
+
+    def update(self, done_rows: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done_rows)
+        else:
+            print(f"tokenizing {self.what}: {done_rows:,} of {self.total_rows:,} rows", flush=True)
+
+
 def describe_eval(result: dict[str, Any]) -> str:
     """One line for an eval result dict (launcher.evaluate): loss and the task's metrics."""
     line = f"step {result['step']}: loss {result['loss']:.4f}"
     if "accuracy" in result:
         return f"{line} accuracy {result['accuracy']:.4f} macro_f1 {result['macro_f1']:.4f} (n={result['num_samples']})"
     return f"{line} perplexity {result['perplexity']:.3f} (n={result['num_samples']}, {result['tokens']} tokens)"
+
+
+def breakdown_text(breakdown: dict[str, float]) -> str:
+    """``fwd 3.2, bwd 5.0, comm 1.1, optim 0.9, other 0.2 ms``: the phases of 0.05 ms or more."""
+    short = {"forward": "fwd", "backward": "bwd", "comm_exposed": "comm", "optimizer": "optim"}
+    parts = [f"{short.get(k[:-2], k[:-2])} {v * 1000:.1f}" for k, v in breakdown.items() if v >= 5e-5]
+    return ", ".join(parts) + " ms"
 
 
 def print_summary(summary: RunSummary, console: Console | None = None) -> None:
@@ -87,6 +113,7 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         ("steps", str(s.steps)),
         ("loss", f"{s.first_loss:.4f} -> {s.final_loss:.4f}"),
         ("median step time", f"{s.median_step_time_s * 1000:.1f} ms"),
+        *([("where it goes (median)", breakdown_text(s.median_time_breakdown))] if s.median_time_breakdown else []),
         ("samples/s", f"{s.samples_per_s:,.1f}"),
         ("sync rounds", f"{totals.sync_rounds} ({totals.sync_rounds / max(s.steps, 1):g}/step)"),
         ("all-reduce", f"{totals.allreduce_bytes / 2**20:,.2f} MiB in {totals.allreduce_calls} calls"),

@@ -218,6 +218,7 @@ def train(cfg: Config) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Train from the command line's config; the exit code (README, "Exit codes")."""
     args = parse_args(argv)
+    distributed.pin_to_core()
     STOP_SIGNALS.received = None
     COUNTER.install()
     cfg = None

@@ -23,6 +23,7 @@ from launcher.plan import RunPlan
 from launcher.run import Run
 from launcher.rundir import DataInfo, RestartRecord, RunDir
 from launcher.state import TrainState
+from launcher.timing import StepClock
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,7 +55,7 @@ def build(
     # Each machine's first process tokenizes (and fills the token store); the others then map the store. The
     # task and the classes of a base model come from the data, so labels are checked before any weight loads.
     with distributed.local_main_first(accelerator):
-        data = build_datasets(cfg.data, cfg.eval, cfg.model, spec, cfg.run.seed)
+        data = build_datasets(cfg.data, cfg.eval, cfg.model, spec, cfg.run.seed, distributed.local_rank() == 0)
     plan = plan.with_train_samples(len(data.train))
     if resume is not None:
         checkpoint.check_step(resume, plan.max_steps)
@@ -109,6 +110,7 @@ def build(
         resumed_from_step=state.step,
         meter=MicroStepMeter(strategy, state.model),
         restart=restart,
+        clock=StepClock(accelerator.device, cfg.run.time_breakdown),
     )
     return run, note
 

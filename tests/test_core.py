@@ -14,6 +14,7 @@ import json
 import pytest
 
 from launcher.compare.results import AGREES, DIFFERS, DISAGREES
+from launcher.timing import PHASES
 from tests.helpers import compared, read_run, rel_l2, write_compare_config
 
 pytestmark = pytest.mark.launch
@@ -126,6 +127,21 @@ def test_no_sync_all_reduces_once_per_optimizer_step(core):
     assert every.summary.totals.allreduce_bytes == K * no_sync.summary.totals.allreduce_bytes
     cost = core["modes"]["every_step_2x4"].cost
     assert (cost.sync_rounds_per_step, core["modes"]["ddp_accum_2x4"].cost.sync_rounds_per_step) == (K, 1)
+
+
+def test_every_step_has_its_time_breakdown(core):
+    """The phases (launcher.timing) account for each step's time; only a backward that syncs waits on
+    communication. Structural checks only: timings are compared in bench/, never here."""
+    for name in ("accum_1x4", "ddp_accum_2x4", "every_step_2x4"):
+        for m in core["runs"][name].metrics:
+            phases = m.time_breakdown
+            assert set(phases) == {f"{p}_s" for p in PHASES} | {"other_s"}, name
+            assert all(v >= 0 for v in phases.values()) and phases["forward_s"] > 0 and phases["backward_s"] > 0
+            assert sum(phases.values()) == pytest.approx(m.step_time_s, rel=1e-9, abs=1e-9), name
+            assert (phases["comm_exposed_s"] > 0) == (name != "accum_1x4"), (name, phases)
+        assert core["modes"][name].cost.time_breakdown == core["runs"][name].summary.median_time_breakdown
+    table = (core["out"] / "report.md").read_text().split("| mode | median step | data |", 1)[1]
+    assert "| every_step_2x4 |" in table.split("\n\n", 1)[0]
 
 
 def test_single_process_sends_nothing(core):

@@ -26,6 +26,7 @@ from tests.helpers import (
     run_ok,
     save_tiny_pretrained_bert,
     save_tiny_pretrained_lm,
+    train_in_process,
     write_compare_config,
 )
 
@@ -67,6 +68,14 @@ def test_print_config_resolves_without_training(tmp_path):
         assert main(["--print-config", "batch.micro_batch_size=2", f"run.output_dir={tmp_path / 'out'}"]) == 0
     assert "micro_batch_size: 2" in stdout.getvalue() and "accum_steps=8 = global_batch_size=16" in stdout.getvalue()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_time_breakdown_can_be_turned_off(tmp_path):
+    code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", "run.max_steps=2", "run.time_breakdown=none")
+    assert code == 0, stderr
+    run = RunDir(tmp_path / "out")
+    assert [m.time_breakdown for m in run.read_metrics()] == [None, None]
+    assert run.read_summary().median_time_breakdown is None
 
 
 @pytest.fixture(scope="module")

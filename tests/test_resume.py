@@ -78,9 +78,7 @@ def runs(root) -> dict:
                     (partial / "model.safetensors").write_bytes(b"\0" * 100)
                 run_ok(root, nproc, label, *CHECKPOINTED, *overrides)
             found[label] = read_run(root / label)
-    found["healed_2"] = read_run(
-        run_ok(root, 2, "healed_2", *CHECKPOINTED, *HEALING, max_restarts=2, log="healed.log")
-    )
+    found["healed_2"] = read_run(run_ok(root, 2, "healed_2", *CHECKPOINTED, *HEALING, max_restarts=2, log="healed.log"))
     # The 1 x K=4 checkpoint, resumed under 2 processes x K=2 (same global batch), in a fresh folder; launched
     # on a busy --main_process_port to see what accelerate does with one.
     with socket.socket() as busy:

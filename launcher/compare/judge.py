@@ -115,6 +115,7 @@ def cost_of(summary: RunSummary, reference: RunSummary | None) -> Cost:
         optimizer_bytes=max(m.optimizer_bytes for m in summary.memory_per_rank),
         held_grad_bytes=max(m.held_grad_bytes for m in summary.memory_per_rank),
         activation_bytes=max(m.activation_bytes for m in summary.memory_per_rank),
+        time_breakdown=summary.median_time_breakdown,
     )
 
 

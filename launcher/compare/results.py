@@ -94,6 +94,8 @@ class Cost:
     optimizer_bytes: int = 0
     held_grad_bytes: int = 0
     activation_bytes: int = 0
+    # Each phase's median over the steps, in seconds, on the main process (launcher.timing); None: not measured.
+    time_breakdown: dict[str, float] | None = None
 
 
 @dataclass

@@ -5,6 +5,7 @@ store while the others wait, then every process maps it."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from launcher.data.store import (
 )
 from launcher.data.synthetic import synthetic_cls, synthetic_lm
 from launcher.files import write_json_atomic
-from launcher.models import ModelSpec
+from launcher.models import ENCODE_CHUNK_ROWS, ModelSpec, concatenated
+from launcher.terminal import RowProgress
 
 SCAN_CHUNK_TOKENS = 1 << 25  # ids read at a time when a token file is checked against the vocabulary
 
@@ -77,22 +79,40 @@ def label_ids(values: list[list]) -> tuple[list[np.ndarray], list[str] | None]:
     return [np.asarray([index[str(v)] for v in column], dtype=np.int64) for column in values], names
 
 
-def _tokenize(table: Table, data: DataConfig, spec: ModelSpec, max_length: int | None, labels: bool) -> TokenStore:
+def _tokenize(
+    table: Table, data: DataConfig, spec: ModelSpec, max_length: int | None, labels: bool, progress: bool
+) -> TokenStore:
+    """Encode the table in chunks, with a progress view on this machine's first process when there are several."""
+    started = time.perf_counter()
     texts = [str(t) for t in table.values(text_column(table.source, data))]
     pairs = [str(t) for t in table.values(data.text_pair_column)] if data.text_pair_column else None
-    encoded = spec.tokenizer.encode(texts, pairs, max_length)
+    view = RowProgress(table.source.name, len(texts)) if progress and len(texts) > ENCODE_CHUNK_ROWS else None
+    parts = []
+    for start in range(0, len(texts), ENCODE_CHUNK_ROWS):
+        end = start + ENCODE_CHUNK_ROWS
+        parts.append(spec.tokenizer.encode(texts[start:end], pairs[start:end] if pairs else None, max_length))
+        if view is not None:
+            view.update(min(end, len(texts)))
+    if view is not None:
+        view.close()
+    encoded = concatenated(parts)
     label_values = table.values(data.label_column) if labels else None
     return TokenStore(
         tokens=encoded.tokens.astype(token_dtype(spec.tokenizer.vocab_size)),
         offsets=encoded.offsets,
         segments=encoded.segments,
         labels=np.asarray(label_values, dtype=object) if label_values is not None else None,
-        meta={"rows": len(texts), "truncated_rows": encoded.truncated, "tokens": len(encoded.tokens)},
+        meta={
+            "rows": len(texts),
+            "truncated_rows": encoded.truncated,
+            "tokens": len(encoded.tokens),
+            "tokenize_s": time.perf_counter() - started,
+        },
     )
 
 
 def _store_of(
-    source: Source, data: DataConfig, spec: ModelSpec, max_length: int | None, task: str | None
+    source: Source, data: DataConfig, spec: ModelSpec, max_length: int | None, task: str | None, progress: bool
 ) -> tuple[TokenStore, str]:
     """The token store of a table or hub source: from the cache, or tokenized now (and cached)."""
     if source.kind == "store":
@@ -124,7 +144,7 @@ def _store_of(
         found = cached_store(cache_dir, key)
         if found is not None:
             return found, HIT
-    store = _tokenize(table, data, spec, max_length, has_labels)
+    store = _tokenize(table, data, spec, max_length, has_labels, progress)
     store = _with_label_codes(store)
     store.meta.update({"source": table.identity, "tokenizer": spec.tokenizer.fingerprint, "kind": "rows"})
     if cache_dir is None:
@@ -219,9 +239,10 @@ def num_classes(model: ModelConfig, labels: list[np.ndarray | None], names: list
 
 
 def build_datasets(
-    data: DataConfig, evaluation: EvalConfig, model: ModelConfig, spec: ModelSpec, seed: int
+    data: DataConfig, evaluation: EvalConfig, model: ModelConfig, spec: ModelSpec, seed: int, progress: bool = False
 ) -> Datasets:
-    """The training set and the eval set (None when the eval section names none)."""
+    """The training set and the eval set (None when the eval section names none); ``progress``: show the
+    tokenization of a large table (each machine's first process)."""
     source = train_source(data)
     held_out = eval_source(data, evaluation, source)
     if source.kind == "synthetic":
@@ -230,11 +251,11 @@ def build_datasets(
         return _token_file(source, data, evaluation, spec, seed)
     max_length = None if data.packing else data.seq_len
     cache_statuses = []
-    store, status = _store_of(source, data, spec, max_length, spec.task)
+    store, status = _store_of(source, data, spec, max_length, spec.task, progress)
     cache_statuses.append(status)
     stores = [store]
     if held_out is not None:
-        eval_store, status = _store_of(held_out, data, spec, max_length, spec.task)
+        eval_store, status = _store_of(held_out, data, spec, max_length, spec.task, progress)
         cache_statuses.append(status)
         stores.append(eval_store)
     task = resolve_task(spec, store.labels is not None, source)
@@ -257,6 +278,7 @@ def build_datasets(
         "rows_used": len(train_rows),
         "truncated_rows": int(store.meta.get("truncated_rows", 0)),
         "tokens": int(store.meta.get("tokens", len(store.tokens))),
+        "tokenize_s": 0.0 if status == HIT else float(store.meta.get("tokenize_s", 0.0)),
     }
     return _datasets(built, task, classes, "blocks" if data.packing else "rows", status, names, info, evaluation)
 

@@ -7,6 +7,7 @@ from launcher.compare.report.tables import (
     BATCH_NORM_HEADER,
     COMM_HEADER,
     MEMORY_HEADER,
+    TIME_HEADER,
     agreement_rows,
     batch_norm_rows,
     comm_rows,
@@ -19,6 +20,7 @@ from launcher.compare.report.tables import (
     floor_lines,
     headline,
     memory_rows,
+    time_rows,
 )
 from launcher.compare.results import Comparison
 
@@ -116,6 +118,13 @@ def markdown(result: Comparison) -> str:
         "a reduce-scatter's full input, an all-gather's full output), counted where the strategies call them.",
         "",
         md_table(COMM_HEADER, comm_rows(result)),
+        "",
+        "Where the step time goes, each phase's median over the steps on the main process (so the phases need not "
+        "add up to the median step): the data wait and copy, the micro-steps' forward and backward, the gradient "
+        "communication the backward did not hide (from the launch of its last gradient collective to its end), the "
+        "launcher's per-step scalar all-reduce (which also waits for the slowest rank), clipping and the optimizer.",
+        "",
+        md_table(TIME_HEADER, time_rows(result)),
         "",
         "Memory per rank, from the tensors it holds (the largest over the ranks): parameters and optimizer state "
         "(local shards under FSDP), the gradients held between micro-steps, the activations the first micro-step "

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on a training node
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from launcher.compare.report.tables import MIB  # noqa: E402
+from launcher.compare.report.tables import MIB, PHASE_NAMES  # noqa: E402
 from launcher.compare.results import Comparison  # noqa: E402
 
 ZERO_FLOOR = 1e-17  # a log axis cannot show 0: exact agreement is drawn here, and the legend says so
@@ -56,6 +56,16 @@ def plot_loss_curves(result: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
+def _stack_phases(ax, measured: list) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Each mode's phase medians (launcher.timing) as one stacked bar, in milliseconds."""
+    left = [0.0] * len(measured)
+    for phase, label in PHASE_NAMES.items():
+        widths = [(m.cost.time_breakdown or {}).get(phase, 0.0) * 1000 for m in measured]
+        ax.barh([m.name for m in measured], widths, left=left, label=label)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4, frameon=False)
+
+
 def plot_cost(result: Comparison, path: Path) -> None:
     measured = [m for m in result.modes if m.cost]
     names = [m.name for m in measured]
@@ -73,8 +83,12 @@ def plot_cost(result: Comparison, path: Path) -> None:
         ("model state per rank (MiB)", [state(m) / MIB for m in measured], "{:.2f}"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(names) + 2))
-    for ax, (title, values, fmt) in zip(axes, panels, strict=True):
-        bars = ax.barh(names, values, color=colors)
+    for i, (ax, (title, values, fmt)) in enumerate(zip(axes, panels, strict=True)):
+        if i == 0 and any(m.cost.time_breakdown for m in measured):
+            _stack_phases(ax, measured)  # the step's phases side by side, the median step at the end
+            bars = ax.barh(names, values, color="none", edgecolor="black", linewidth=0.6)
+        else:
+            bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize="small")
         ax.set_title(title, fontsize="medium")
         ax.invert_yaxis()  # run order, top to bottom

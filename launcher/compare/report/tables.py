@@ -179,6 +179,28 @@ def comm_rows(result: Comparison) -> list[list[str]]:
     return rows
 
 
+PHASE_NAMES = {
+    "data_s": "data",
+    "forward_s": "forward",
+    "backward_s": "backward",
+    "comm_exposed_s": "comm exposed",
+    "scalars_s": "scalars",
+    "optimizer_s": "optimizer",
+    "other_s": "other",
+}
+TIME_HEADER = ["mode", "median step", *PHASE_NAMES.values()]
+
+
+def time_rows(result: Comparison) -> list[list[str]]:
+    """Each phase's median per optimizer step (launcher.timing), on each mode's main process."""
+    rows = []
+    for m in result.modes:
+        breakdown = m.cost.time_breakdown if m.cost else None
+        step = m.cost.median_step_time_s if m.cost else None
+        rows.append([m.name, ms(step), *[ms(breakdown[k]) if breakdown else "-" for k in PHASE_NAMES]])
+    return rows
+
+
 MEMORY_HEADER = [
     "mode",
     "launch",
