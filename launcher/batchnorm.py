@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed._functional_collectives import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from launcher.plan import batch_norm_micro_batch_error
 from launcher.rundir import BatchNormInfo
+from launcher.runplan import batch_norm_micro_batch_error
 
 
 class CpuSyncBatchNorm(_BatchNorm):

@@ -51,8 +51,8 @@ from launcher.distributed import all_reduce_sum, gather_object
 from launcher.files import fsync_path, write_json_atomic
 from launcher.measure import COUNTER, local, model_state_bytes
 from launcher.parallel import Strategy
-from launcher.plan import RunPlan
 from launcher.rundir import CHECKPOINT_META, PARTIAL_PREFIX, RunDir
+from launcher.runplan import RunPlan
 from launcher.state import TrainState
 
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ from launcher.data import TokenDataset
 from launcher.data.feed import WindowFeeder
 from launcher.measure import MicroStepMeter
 from launcher.parallel import Strategy
-from launcher.plan import RunPlan
 from launcher.rundir import DataInfo, RestartRecord, RunDir
+from launcher.runplan import RunPlan
 from launcher.state import TrainState
 from launcher.timing import StepClock
 

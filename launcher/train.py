@@ -25,8 +25,8 @@ from launcher import checkpoint, distributed, trainer
 from launcher.config import Config, UserError, dump_config, flatten, keys_help, load_config
 from launcher.loop import NonFiniteError, run_loop
 from launcher.measure import COUNTER
-from launcher.plan import RunPlan, make_plan
 from launcher.rundir import RestartRecord, RunDir
+from launcher.runplan import RunPlan, make_plan
 
 # Exit codes (README, "Checkpoints and resume").
 EXIT_USER_ERROR = 2  # bad config, checkpoint or output folder: one "error:" line

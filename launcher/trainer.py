@@ -19,9 +19,9 @@ from launcher.lr import ResolvedOptim
 from launcher.measure import MicroStepMeter
 from launcher.models import build_model, model_spec
 from launcher.parallel import strategy_for
-from launcher.plan import RunPlan
 from launcher.run import Run
 from launcher.rundir import DataInfo, RestartRecord, RunDir
+from launcher.runplan import RunPlan
 from launcher.state import TrainState
 from launcher.timing import StepClock
 

@@ -8,7 +8,7 @@ import pytest
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids, plan_batch
 from launcher.config import ConfigError, load_config
-from launcher.plan import make_plan
+from launcher.runplan import make_plan
 from tests.helpers import TINY_LM
 
 

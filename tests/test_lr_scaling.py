@@ -21,7 +21,7 @@ from launcher.compare.results import NOT_COMPARABLE, REFERENCE, SWEPT
 from launcher.config import ConfigError, OptimConfig
 from launcher.launch import REPO, LaunchOutcome
 from launcher.lr import lr_at, resolve_optim
-from launcher.plan import steps_for_epochs
+from launcher.runplan import steps_for_epochs
 from tests.helpers import (
     assert_one_error_line,
     compared,

@@ -14,7 +14,7 @@ from typing import Any
 
 from launcher.compare.config import CONTROL, EQUAL, CompareConfig, ModeConfig
 from launcher.config import Config, ConfigError, build_config, flatten, read_yaml, set_dotted
-from launcher.plan import RunPlan, make_plan
+from launcher.runplan import RunPlan, make_plan
 
 # Keys a mode may change and still be expected to train the same model: how the global batch is split,
 # how often it syncs (SyncBatchNorm changes how BatchNorm's statistics are computed over the split, not the
