@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.netns import two_hosts
+from tests.helpers import hosts_or_skip
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,6 +22,6 @@ def isolated_environment(tmp_path_factory):
 
 @pytest.fixture
 def hosts():
-    """Two hosts on this machine: network namespaces joined by a veth pair (tests.netns)."""
-    with two_hosts() as pair:
+    """Two hosts on this machine: network namespaces joined by a veth pair (launcher.netns)."""
+    with hosts_or_skip() as pair:
         yield pair

@@ -12,13 +12,16 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 from launcher.compare.judge import rel_l2  # noqa: F401 - shared with the test modules
 from launcher.compare.results import read_comparison
 from launcher.launch import REPO, Job, LaunchOutcome, job_commands, launch_env
+from launcher.netns import Host, NamespacesUnavailable, two_hosts
 from launcher.rundir import read_run  # noqa: F401 - shared with the test modules
 
 TRAIN = "launcher/train.py"
@@ -286,3 +289,14 @@ def save_tiny_pretrained_bert(folder: Path, head: bool = True) -> None:
     config._attn_implementation = "eager"
     (BertForSequenceClassification if head else BertModel)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def hosts_or_skip(rate: str | None = None) -> Iterator[list[Host]]:
+    """``launcher.netns.two_hosts``, a skip where namespaces cannot be made here (not root, no iproute2)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            hosts = stack.enter_context(two_hosts(rate))
+        except NamespacesUnavailable as err:
+            pytest.skip(str(err))
+        yield hosts

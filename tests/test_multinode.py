@@ -22,8 +22,17 @@ import torch
 import torch.distributed as dist
 
 from launcher.launch import REPO, launch_env
-from tests.helpers import TINY_LM, TRAIN, assert_one_error_line, read_run, rel_l2, run_ok, train_in_process
-from tests.netns import ADDRS, Host, ip, on_host, two_hosts
+from launcher.netns import ADDRS, Host, ip, on_host
+from tests.helpers import (
+    TINY_LM,
+    TRAIN,
+    assert_one_error_line,
+    hosts_or_skip,
+    read_run,
+    rel_l2,
+    run_ok,
+    train_in_process,
+)
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -120,7 +129,7 @@ def logs_of(tmp_path: Path) -> str:
 @pytest.fixture(scope="module")
 def net():
     """Two hosts shared by the tests that leave the link up."""
-    with two_hosts() as pair:
+    with hosts_or_skip() as pair:
         yield pair
 
 
