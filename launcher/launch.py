@@ -81,19 +81,23 @@ def accelerate_command(
 
 
 def job_commands(
-    num_processes: int, num_machines: int = 1, script: str | Path = TRAIN_SCRIPT, max_restarts: int = 0
+    num_processes: int,
+    num_machines: int = 1,
+    script: str | Path = TRAIN_SCRIPT,
+    max_restarts: int = 0,
+    main_process_ip: str = LOOPBACK,
 ) -> list[list[str]]:
     """The commands of a job: one process runs the script itself (a launcher would only start it, at a second
     and a half of imports); more are one `accelerate launch` per machine. Several machines meet at one
-    rendezvous on this host's loopback, on a port picked here: ``--main_process_port 0`` would give each
-    machine its own."""
+    rendezvous on this host's loopback (or ``main_process_ip``: machine 0's address on a namespace link), on a
+    port picked here: ``--main_process_port 0`` would give each machine its own."""
     if num_processes == 1:
         return [[sys.executable, str(script)]]
     if num_machines == 1:
         return [accelerate_command(num_processes, script, max_restarts=max_restarts)]
     port = free_port()
     return [
-        accelerate_command(num_processes, script, Machine(num_machines, rank, port), max_restarts)
+        accelerate_command(num_processes, script, Machine(num_machines, rank, port, main_process_ip), max_restarts)
         for rank in range(num_machines)
     ]
 

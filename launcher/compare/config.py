@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Section, apply_overrides, build_section, check, option, read_yaml
+from launcher.netns import RATE
 
 EQUAL, DIFFER, SWEEP = "equal", "differ", "sweep"
 CONTROL = "floor_control"  # the name of the control mode (another name if a mode already has it)
@@ -24,6 +25,11 @@ class ModeConfig(Section):
         1,
         "machines: one accelerate launch each, num_processes / num_machines processes per machine, all on this "
         "host over loopback (a rehearsal of the multi-node launch: separate agents, one rendezvous, gloo over TCP)",
+    )
+    link: str = option(
+        "",
+        "run the mode's 2 machines on two network-namespace hosts joined by a veth shaped to this rate (tc tbf, "
+        "e.g. 1gbit, 100mbit): a multi-node link on one host; '' = loopback (needs root and iproute2, else skipped)",
     )
     expect: str = option(
         EQUAL,
@@ -48,6 +54,9 @@ class ModeConfig(Section):
             f"counts the processes of all {self.num_machines} machines (as accelerate does), so it must be a "
             f"multiple of num_machines={self.num_machines}",
         )
+        if self.link:
+            check(self.num_machines == 2, "num_machines", self.num_machines, "a link mode runs on 2 namespace hosts: 2")
+            check(RATE.match(self.link.lower()) is not None, "link", self.link, "a tc rate such as 100mbit or 1gbit")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from launcher.compare.results import (
     NOT_COMPARABLE,
     NOT_JUDGED,
     REFERENCE,
+    SKIPPED,
     SWEPT,
     Agreement,
     Comparison,
@@ -283,6 +284,8 @@ def judge(
             # A sweep never fails the comparison: a setting that diverges is a result too (shown, with its log). A
             # failed control only leaves the floor unmeasured: the fixed tolerances apply, and the report says so.
             entry.verdict, entry.ok = FAILED, pm.mode.expect == SWEEP or pm.is_control
+            if outcome.note.startswith(SKIPPED) and not pm.is_reference:  # this host cannot make the link
+                entry.verdict, entry.ok = outcome.note, True
         else:
             entry.cost = cost_of(run.summary, ref.run.summary if ref else None)
             if ref is None:

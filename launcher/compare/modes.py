@@ -73,6 +73,7 @@ class PlannedMode:
             t.batch.loss_normalization if t.batch.loss_normalization != "tokens" else "",
             t.precision if t.precision != "no" else "",
             "reversed windows" if t.batch.window_order == "reversed" else "",
+            f"link {self.mode.link}" if self.mode.link else "",
         ]
         return ", ".join([self.launch, *[e for e in extras if e]])
 

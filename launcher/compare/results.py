@@ -22,6 +22,7 @@ NOT_COMPARABLE = "not comparable"
 NOT_JUDGED = "not judged: the reference failed"
 CONTROL_VERDICT = "control (the floor)"
 AGREES_DESPITE = "agrees within noise, despite the change"
+SKIPPED = "skipped"  # a link mode where network namespaces cannot be made: the reason follows
 
 # How an equal mode was judged.
 BY_FLOAT64 = "float64"  # exact arithmetic's rule: relative L2 <= tolerance.float64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -14,11 +15,13 @@ from launcher.compare.config import CompareConfig
 from launcher.compare.judge import failure_lines, judge
 from launcher.compare.modes import PlannedMode
 from launcher.compare.preflight import preflight
+from launcher.compare.results import SKIPPED
 from launcher.config import ConfigError, dump_config
 from launcher.data.sources import check_sources
 from launcher.files import write_json_atomic, write_text_atomic
-from launcher.launch import Job, LaunchOutcome, job_commands, launch_env, machine_logs
+from launcher.launch import LOOPBACK, Job, LaunchOutcome, job_commands, launch_env, machine_logs
 from launcher.models import model_spec
+from launcher.netns import NamespacesUnavailable, on_host, two_hosts
 from launcher.records import to_json
 from launcher.rundir import RunDir
 from launcher.terminal import ModesProgress
@@ -27,7 +30,8 @@ from launcher.terminal import ModesProgress
 def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesProgress) -> LaunchOutcome:
     """Launch one mode into a clean folder, one launch per machine, and follow its metrics.jsonl for the live
     view. Every machine reads the same config, so all point at the same run folder; only the job's main
-    process (machine 0, rank 0) writes results there."""
+    process (machine 0, rank 0) writes results there. A link mode's machines run on two namespace hosts whose
+    link is shaped to its rate, removed when the mode ends; where they cannot be made, the mode is skipped."""
     if pm.run_dir.exists():
         shutil.rmtree(pm.run_dir)  # never judge a mode on files a previous comparison left
     pm.run_dir.mkdir(parents=True)
@@ -35,11 +39,27 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesP
     write_text_atomic(config_path, dump_config(pm.train))
     tmp_dir = Path(cfg.output_dir) / "tmp" / pm.name
     env = launch_env(tmp_dir, threads, offline=False)  # a hub model or dataset loads where the network allows
-    commands = [
-        [*command, "--config", str(config_path)]
-        for command in job_commands(pm.plan.batch.world_size, pm.mode.num_machines)
-    ]
-    job = Job(commands, machine_logs(pm.run_dir, len(commands)), env)
+    logs = machine_logs(pm.run_dir, pm.mode.num_machines)
+    with contextlib.ExitStack() as stack:
+        if pm.mode.link:
+            try:
+                hosts = stack.enter_context(two_hosts(pm.mode.link))
+            except NamespacesUnavailable as err:
+                progress.start(pm.name, pm.describe())
+                return LaunchOutcome(None, 0.0, logs, note=f"{SKIPPED}: {err}")
+        ip = hosts[0].addr if pm.mode.link else LOOPBACK
+        commands = [
+            [*command, "--config", str(config_path)]
+            for command in job_commands(pm.plan.batch.world_size, pm.mode.num_machines, main_process_ip=ip)
+        ]
+        if pm.mode.link:  # gloo must take the veth (trap 9): each machine names its own end
+            pairs = zip(hosts, commands, strict=True)
+            commands = [on_host(h, ["env", f"GLOO_SOCKET_IFNAME={h.dev}", *command]) for h, command in pairs]
+        return _follow(pm, cfg, Job(commands, logs, env), progress, tmp_dir)
+
+
+def _follow(pm: PlannedMode, cfg: CompareConfig, job: Job, progress: ModesProgress, tmp_dir: Path) -> LaunchOutcome:
+    """Run the mode's job to its end, its metrics.jsonl followed for the live view."""
     folder = RunDir(pm.run_dir)
     total_steps = pm.plan.max_steps
 
