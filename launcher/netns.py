@@ -130,3 +130,10 @@ def on_host(host: Host, cmd: list[str]) -> list[str]:
         "sh",
         *cmd,
     ]
+
+
+def on_hosts(hosts: list[Host], commands: list[list[str]]) -> list[list[str]]:
+    """Machine i's command on host i, gloo pinned to that host's end of the veth (gloo otherwise takes the
+    hostname's address, which need not be on the link: trap 9)."""
+    pairs = zip(hosts, commands, strict=True)
+    return [on_host(host, ["env", f"GLOO_SOCKET_IFNAME={host.dev}", *command]) for host, command in pairs]

@@ -21,7 +21,7 @@ from launcher.data.sources import check_sources
 from launcher.files import write_json_atomic, write_text_atomic
 from launcher.launch import LOOPBACK, Job, LaunchOutcome, job_commands, launch_env, machine_logs
 from launcher.models import model_spec
-from launcher.netns import NamespacesUnavailable, on_host, two_hosts
+from launcher.netns import NamespacesUnavailable, on_hosts, two_hosts
 from launcher.records import to_json
 from launcher.rundir import RunDir
 from launcher.terminal import ModesProgress
@@ -52,9 +52,8 @@ def run_mode(pm: PlannedMode, cfg: CompareConfig, threads: int, progress: ModesP
             [*command, "--config", str(config_path)]
             for command in job_commands(pm.plan.batch.world_size, pm.mode.num_machines, main_process_ip=ip)
         ]
-        if pm.mode.link:  # gloo must take the veth (trap 9): each machine names its own end
-            pairs = zip(hosts, commands, strict=True)
-            commands = [on_host(h, ["env", f"GLOO_SOCKET_IFNAME={h.dev}", *command]) for h, command in pairs]
+        if pm.mode.link:
+            commands = on_hosts(hosts, commands)
         return _follow(pm, cfg, Job(commands, logs, env), progress, tmp_dir)
 
 
