@@ -31,7 +31,7 @@ def make_console() -> Console:
     return console if console.is_terminal else Console(width=180)
 
 
-def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
@@ -61,19 +61,21 @@ def print_plan(console: Console, cfg: CompareConfig, planned: list[PlannedMode],
     header = ["mode", "processes", "micro", "K", "global", "sync", "loss norm", "dtype", "lr", "steps", "expect"]
     train = planned[0].train
     title = f"compare: {cfg.base} (model {train.model.name}, data {train.data.name}) -> {cfg.output_dir}"
-    console.print(_table(title, header, rows))
+    console.print(rich_table(title, header, rows))
     for line in warnings:
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
 
 
 def print_result(console: Console, result: Comparison) -> None:
-    console.print(_table("evaluation (task quality per mode)", eval_header(result), eval_rows(result)))
+    console.print(rich_table("evaluation (task quality per mode)", eval_header(result), eval_rows(result)))
     console.print(
-        _table("agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result))
+        rich_table(
+            "agreement with the reference (final weights, per-step loss)", AGREEMENT_HEADER, agreement_rows(result)
+        )
     )
-    console.print(_table("cost (as measured by each run)", cost_header(result), cost_rows(result)))
-    console.print(_table("communication per optimizer step, by collective", COMM_HEADER, comm_rows(result)))
-    console.print(_table("memory per rank, from the tensors", MEMORY_HEADER, memory_rows(result)))
+    console.print(rich_table("cost (as measured by each run)", cost_header(result), cost_rows(result)))
+    console.print(rich_table("communication per optimizer step, by collective", COMM_HEADER, comm_rows(result)))
+    console.print(rich_table("memory per rank, from the tensors", MEMORY_HEADER, memory_rows(result)))
     for line in [*findings(result), *floor_lines(result)[1:]]:
         console.print(f"- {line}", highlight=False)
     style = "green" if result.ok else "red"

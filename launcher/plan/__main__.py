@@ -1,0 +1,5 @@
+import sys
+
+from launcher.plan.cli import main
+
+sys.exit(main())
