@@ -59,14 +59,15 @@ def target_batch(train: Config, cfg: PlanConfig) -> int:
 def plan(train: Config, cfg: PlanConfig, config_path: str, validate: bool) -> PlanResult:
     global_batch = target_batch(train, cfg)
     splits = enumerate_splits(train, global_batch, cfg.device_counts, cfg.strategy_names)
+    reused = read_profile(cfg.profile.reuse) if cfg.profile.reuse else None  # before the folder is emptied
     out = claim_output_dir(cfg)
     # The seam: measuring starts launches; everything above is checked first, in milliseconds.
-    profile: Profile = (
-        read_profile(cfg.profile.reuse) if cfg.profile.reuse else measure_profile(train, cfg, global_batch, out)
-    )
+    profile: Profile = reused or measure_profile(train, cfg, global_batch, out)
     write_profile(profile, out / PROFILE_FILE)
     link: Link = profile.link if cfg.link == MEASURED else LINK_CLASSES[cfg.link]
-    candidates = predict_all(splits, profile, link, cfg.device_memory_bytes, cfg.reserved_memory_bytes, "device_memory")
+    candidates = predict_all(
+        splits, profile, link, cfg.device_memory_bytes, cfg.reserved_memory_bytes, cfg.device_memory
+    )
     best = candidates[0]
     result = PlanResult(
         config=config_path,

@@ -38,7 +38,7 @@ def memory_bytes(text: str) -> int | None:
     return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)]) if match else None
 
 
-def int_list(text: str) -> list[int] | None:
+def int_list(text: str | int) -> list[int] | None:
     """``1,2,4`` -> [1, 2, 4]; None when an item is not an integer."""
     items = [item.strip() for item in str(text).split(",") if item.strip()]
     return [int(item) for item in items] if items and all(re.fullmatch(r"-?\d+", i) for i in items) else None
@@ -50,7 +50,9 @@ def str_list(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ProfileConfig(Section):
-    micro_batches: str = option("1,2,4,8", "micro batches profiled on one process (those above the global batch drop)")
+    micro_batches: str | int = option(
+        "1,2,4,8", "micro batches profiled on one process (those above the global batch drop)"
+    )
     accum_steps: int = option(4, "micro-steps per profiled step: its forward+backward time is divided by them")
     steps: int = option(6, "optimizer steps per profiled run (the trainer's median step is read)")
     reuse: str = option("", "a profile.json written by an earlier plan: plan from it without measuring again")
@@ -82,7 +84,7 @@ class PlanConfig(Section):
     output_dir: str = option("runs/plan", "folder for plan.json, plan.md, the plot, profile.json and the runs")
     overwrite: bool = option(False, "allow replacing a finished plan in output_dir")
     global_batch_size: int | None = option(None, "samples per optimizer step to reach (null: the training config's)")
-    devices: str = option("1,2,4,8,16,32,64", "device counts to plan for, a comma list")
+    devices: str | int = option("1,2,4,8,16,32,64", "device counts to plan for, a comma list")
     device_memory: str = option("80GiB", "memory of one device: bytes, or with a unit (GiB, MiB, GB)")
     reserved_memory: str = option("1GiB", "of each device's memory, what the runtime takes (context, allocator)")
     link: str = option(

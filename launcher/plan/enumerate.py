@@ -51,7 +51,8 @@ def enumerate_splits(train: Config, global_batch: int, devices: list[int], strat
     if not splits:
         raise ConfigError(
             f"global_batch_size={global_batch} is not valid: no split over devices={','.join(map(str, devices))} "
-            f"and strategies={','.join(strategies)} reaches it (it must be a multiple of a device count; "
-            "micro batch x K x devices)"
+            f"and strategies={','.join(strategies)} reaches it: it must be micro batch x K x devices for one of "
+            "those device counts (a multiple of a device count), within the trainer's rules (BatchNorm trains on "
+            ">= 2 samples per micro batch, fsdp on >= 2 devices)"
         )
     return splits

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 GIB = 1024**3
 
 
+def size_text(n_bytes: float) -> str:
+    """Bytes as GiB, or MiB below one GiB (a tiny model's state is far below a GiB)."""
+    return f"{n_bytes / GIB:.3g} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.3g} MiB"
+
+
 @dataclass
 class Fit:
     """``y = intercept + slope * x``, least squares over the measured points."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from launcher.config import ConfigError
-from launcher.plan.model import GIB, Link, Profile, Split, predict
+from launcher.plan.model import Link, Profile, Split, predict, size_text
 from launcher.plan.results import Candidate, candidate
 
 
 def predict_all(
-    splits: list[Split], profile: Profile, link: Link, memory_bytes: int, reserved_bytes: int, memory_key: str
+    splits: list[Split], profile: Profile, link: Link, memory_bytes: int, reserved_bytes: int, memory_text: str
 ) -> list[Candidate]:
     """Every split predicted and ranked: the fitting ones fastest first (fewer devices, then larger micro
     batches, on a tie), then the rest by memory. Raises ConfigError, naming the smallest need, when none fits."""
@@ -17,14 +17,15 @@ def predict_all(
         (c for c in found if c.fits), key=lambda c: (c.predicted_step_time_s, c.world_size, -c.micro_batch_size)
     )
     rest = sorted((c for c in found if not c.fits), key=lambda c: c.predicted_memory_bytes)
+    memory_key = "device_memory"
     if not fitting:
         least = rest[0]
         raise ConfigError(
-            f"{memory_key}={memory_bytes / GIB:.3g}GiB is not valid: no split fits; the smallest, {least.label()}, "
-            f"needs {least.predicted_memory_bytes / GIB:.3g} GiB per device "
-            f"({least.predicted_model_state_bytes / GIB:.3g} GiB model state, "
-            f"{least.predicted_activation_bytes / GIB:.3g} GiB activations, the reserve): give more memory, "
-            "more devices (fsdp shards the state), or a smaller micro batch"
+            f"{memory_key}={memory_text!r} is not valid: no split fits in {size_text(memory_bytes)}; the smallest, "
+            f"{least.label()}, needs {size_text(least.predicted_memory_bytes)} per device "
+            f"({size_text(least.predicted_model_state_bytes)} model state, "
+            f"{size_text(least.predicted_activation_bytes)} activations, {size_text(reserved_bytes)} reserved): "
+            "give more memory, more devices (fsdp shards the state), or a smaller micro batch"
         )
     for i, c in enumerate(fitting, 1):
         c.rank = i
@@ -42,7 +43,7 @@ def reasons(best: Candidate, candidates: list[Candidate]) -> list[str]:
     why = [
         f"fastest predicted step of the {len(fitting)} splits that fit: {best.predicted_step_time_s * 1e3:.1f} ms, "
         f"{best.predicted_samples_per_s:,.0f} samples/s ({best.predicted_tokens_per_s:,.0f} tokens/s), "
-        f"{best.predicted_memory_bytes / GIB:.3g} GiB per device"
+        f"{size_text(best.predicted_memory_bytes)} per device"
     ]
     if best.accum_steps > 1:
         other = _same_but(best, fitting, sync="every_step" if best.sync == "no_sync" else "no_sync")

@@ -11,7 +11,7 @@ from launcher.compare.report.markdown import md_table
 from launcher.compare.report.tables import mib, ms
 from launcher.compare.report.terminal import make_console, rich_table
 from launcher.files import write_text_atomic
-from launcher.plan.model import GIB
+from launcher.plan.model import size_text
 from launcher.plan.results import Candidate, PlanResult
 
 __all__ = ["make_console", "print_result", "write_all"]
@@ -31,7 +31,7 @@ def _row(c: Candidate) -> list[str]:
         c.sync,
         ms(c.predicted_step_time_s),
         f"{c.predicted_tokens_per_s:,.0f}",
-        f"{c.predicted_memory_bytes / GIB:.3g} GiB",
+        size_text(c.predicted_memory_bytes),
         mib(sum(c.bytes_per_step.values())),
         "yes" if c.fits else "no",
     ]
@@ -49,7 +49,7 @@ def summary_line(result: PlanResult) -> str:
     fitting = sum(c.fits for c in result.candidates)
     return (
         f"global batch {result.global_batch_size}: {len(result.candidates)} splits over devices "
-        f"{','.join(map(str, result.devices))}, {fitting} fit in {result.device_memory_bytes / GIB:.3g} GiB; "
+        f"{','.join(map(str, result.devices))}, {fitting} fit in {size_text(result.device_memory_bytes)}; "
         f"link {result.link.name} ({result.link.bandwidth_bytes_per_s / 1e9:.3g} GB/s, "
         f"{result.link.latency_s * 1e6:.3g} us)"
     )
