@@ -8,8 +8,9 @@ ACCELERATE_CPU := --multi_gpu --num_processes 2 --num_machines 1 --main_process_
 RUN_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo}
 
 COMPARE ?= configs/compare/default.yaml
+PLAN ?= configs/runs/tiny_lm.yaml
 
-.PHONY: setup run compare train test test-fast lint bench clean
+.PHONY: setup run compare plan train test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,13 @@ run: compare
 # (compare sets OMP_NUM_THREADS = cores / processes and GLOO_SOCKET_IFNAME=lo unless the environment does.)
 compare: $(STAMP)
 	$(BIN)/python -m launcher.compare --config $(COMPARE) overwrite=true $(ARGS)
+
+# Plan before you buy: every split of the config's global batch over 1..64 devices, predicted from a short
+# profile here (about a minute on 2 cores); report in runs/plan/plan.md.
+#   make plan ARGS="devices=8,32,128 link=ib-200g device_memory=40GiB global_batch_size=1024"
+#   make plan ARGS="--validate"   (also runs what this host can, and compares predicted with measured)
+plan: $(STAMP)
+	$(BIN)/python -m launcher.plan --config $(PLAN) overwrite=true $(ARGS)
 
 # One training run on 2 CPU processes over gloo.
 train: $(STAMP)
