@@ -73,6 +73,8 @@ MODES = {
         (["reference=nope"], ["reference='nope'", "must name a mode"]),
         (["modes.accum_1x4.num_processes=3"], ["mode 'accum_1x4'", "not divisible", "world_size=3"]),
         (["modes.two_machines.num_processes=3"], ["modes.two_machines.num_processes=3", "multiple of num_machines=2"]),
+        (["modes.two_machines.link=fast"], ["modes.two_machines.link='fast'", "100mbit or 1gbit"]),
+        (["modes.accum_1x4.link=1gbit"], ["modes.accum_1x4.num_machines=1", "2 namespace hosts"]),
     ],
 )
 def test_bad_compare_config_gets_one_line(tmp_path, overrides, words):

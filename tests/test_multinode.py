@@ -22,16 +22,18 @@ import torch
 import torch.distributed as dist
 
 from launcher.launch import REPO, launch_env
-from launcher.netns import ADDRS, Host, ip, on_host
+from launcher.netns import ADDRS, Host, ip, missing_tools, on_host
 from tests.helpers import (
     TINY_LM,
     TRAIN,
     assert_one_error_line,
+    compared,
     hosts_or_skip,
     read_run,
     rel_l2,
     run_ok,
     train_in_process,
+    write_compare_config,
 )
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
@@ -331,3 +333,36 @@ def test_trainer_runs_the_preflight(tmp_path, monkeypatch, override, env, words)
     code, stderr = train_in_process(f"run.output_dir={tmp_path / 'out'}", override)
     assert code == 2
     assert_one_error_line(stderr, words)
+
+
+@pytest.mark.launch
+def test_compare_runs_a_mode_over_a_shaped_link(tmp_path):
+    """compare's ``link`` mode: two namespace hosts over a veth shaped to 100 Mbit/s, removed afterwards. The
+    same split's every_step run sends 3x the bytes of no_sync (K = 3), and over this link takes longer."""
+    if missing_tools("100mbit"):
+        pytest.skip(missing_tools("100mbit"))
+    modes = {
+        "accum_1x6": {"num_processes": 1, "overrides": {"batch.micro_batch_size": 2}},
+        "no_sync": {
+            "num_processes": 2,
+            "num_machines": 2,
+            "link": "100mbit",
+            "overrides": {"batch.micro_batch_size": 2},
+        },
+        "every_step": {
+            "num_processes": 2,
+            "num_machines": 2,
+            "link": "100mbit",
+            "overrides": {"batch.micro_batch_size": 2, "batch.sync": "every_step"},
+        },
+    }
+    common = {"run.dtype": "float64", "run.max_steps": 4, "data.num_samples": 48, "batch.global_batch_size": 12}
+    config = write_compare_config(tmp_path, modes, common, floor={"control": False})
+    before = set(Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else set()
+    found = compared(tmp_path, config)["modes"]
+    assert all(m.verdict == "agrees" for name, m in found.items() if name != "accum_1x6"), found
+    no_sync, every = found["no_sync"].cost, found["every_step"].cost
+    assert every.allreduce_bytes_per_step == pytest.approx(3 * no_sync.allreduce_bytes_per_step, rel=0.05)
+    assert every.median_step_time_s > 1.5 * no_sync.median_step_time_s  # 2 more rounds of ~30 ms on the wire
+    after = set(Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else set()
+    assert after <= before  # the namespaces are gone

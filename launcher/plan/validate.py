@@ -77,7 +77,7 @@ def validate(train: Config, cfg: PlanConfig, global_batch: int, profile: Profile
     was skipped and why)."""
     notes, links = [], {}
     rates = str_list(cfg.validate.links)
-    reason = missing_tools("tbf") if rates else ""
+    reason = missing_tools(rates[0]) if rates else ""
     if reason:
         notes.append(f"the namespace-link modes were skipped: {reason}")
     else:
