@@ -62,9 +62,9 @@ def missing_tools(rate: str | None = None) -> str:
 
 def shape(host: Host, rate: str) -> None:
     """Limit ``host``'s egress on the veth to ``rate`` with a token bucket (tbf; netem is not in every kernel).
-    The bucket holds 10 ms of the rate (at least 32 KiB): enough for the kernel's timer to reach the rate,
-    small enough that a large message pays it."""
-    burst_bytes = max(32 * 1024, int(rate_bits_per_s(rate) / 8 / 100))
+    The bucket holds 1 ms of the rate (at least 16 KiB): a fuller bucket, refilled while the ranks compute,
+    would send the next message's first part at the veth's own speed, faster than a real link of that rate."""
+    burst_bytes = max(16 * 1024, int(rate_bits_per_s(rate) / 8 / 1000))
     subprocess.run(
         ["tc", "-n", host.netns, "qdisc", "add", "dev", host.dev, "root", "tbf", "rate", rate]
         + ["burst", str(burst_bytes), "latency", "100ms"],

@@ -54,7 +54,7 @@ class ProfileConfig(Section):
         "1,2,4,8", "micro batches profiled on one process (those above the global batch drop)"
     )
     accum_steps: int = option(4, "micro-steps per profiled step: its forward+backward time is divided by them")
-    steps: int = option(6, "optimizer steps per profiled run (the trainer's median step is read)")
+    steps: int = option(12, "optimizer steps per profiled run (the trainer's median step is read)")
     reuse: str = option("", "a profile.json written by an earlier plan: plan from it without measuring again")
 
     def check(self) -> None:
