@@ -94,21 +94,28 @@ def plot_step_times(result: PlanResult, path: Path) -> None:
                 best[c.world_size] = min(best.get(c.world_size, float("inf")), c.predicted_step_time_s)
         ns = sorted(best)
         ax.plot(ns, [best[n] * 1e3 for n in ns], marker="o", color=f"C{i}", label=f"{strategy} {sync}, predicted")
-        measured = [c for c in result.validation if (c.strategy, c.sync) == (strategy, sync)]
-        for c in measured:
-            ax.scatter([c.world_size], [c.measured_step_time_s * 1e3], marker="x", s=80, color=f"C{i}")
+        # A validated mode has one micro batch (not the best): its own prediction (o) beside its measurement (x).
+        for c in (c for c in result.validation if (c.strategy, c.sync) == (strategy, sync)):
+            at = [c.predicted_step_time_s * 1e3, c.measured_step_time_s * 1e3]
+            ax.plot([c.world_size] * 2, at, color=f"C{i}", linewidth=0.8)
+            ax.scatter([c.world_size], at[:1], marker="o", s=40, facecolors="none", edgecolors=f"C{i}")
+            ax.scatter([c.world_size], at[1:], marker="x", s=70, color=f"C{i}")
             ax.annotate(
-                c.link,
-                (c.world_size, c.measured_step_time_s * 1e3),
+                f"{c.link}, mb{c.micro_batch_size}",
+                (c.world_size, at[1]),
                 fontsize=7,
-                xytext=(4, 2),
+                xytext=(5, 0),
                 textcoords="offset points",
             )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("devices N")
     ax.set_ylabel("step time (ms)")
-    ax.set_title(f"global batch {result.global_batch_size}, link {result.link.name}: predicted (lines), measured (x)")
+    ax.set_title(
+        f"global batch {result.global_batch_size}, link {result.link.name}: best predicted per N (lines); "
+        "validated: predicted (o), measured (x)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
