@@ -57,6 +57,7 @@ def target_batch(train: Config, cfg: PlanConfig) -> int:
 
 
 def plan(train: Config, cfg: PlanConfig, config_path: str, validate: bool) -> PlanResult:
+    """Enumerate, profile (or read a profile back), predict and rank; with ``validate``, run what this host can."""
     global_batch = target_batch(train, cfg)
     splits = enumerate_splits(train, global_batch, cfg.device_counts, cfg.strategy_names)
     reused = read_profile(cfg.profile.reuse) if cfg.profile.reuse else None  # before the folder is emptied
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: plan interrupted; its running launches were stopped", file=sys.stderr, flush=True)
         return 130
-    from launcher.plan import report
+    from launcher.plan import report  # matplotlib: only once there is a plan to draw
 
     out = Path(cfg.output_dir)
     write_json_atomic(out / "plan.json", to_json(result))
