@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="key=value",
         help="planner keys (devices=8,32 device_memory=40GiB link=ib-200g) or training keys (batch.sync=...)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # --validate may come after the key=value overrides
 
 
 def claim_output_dir(cfg: PlanConfig) -> Path:
