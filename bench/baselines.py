@@ -1,11 +1,12 @@
-"""The loops the launcher is measured against, on the launcher's own model and data builders.
+"""The loops the launcher is measured against, on the launcher's own model and data builders (the same initial
+weights and the same samples in the same order as a launcher run with the same seed).
 
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py plain   --out plain.json ...
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py trainer --out trainer.json ...
 
-`plain` is a hand-written DDP loop the nanoGPT way: `require_backward_grad_sync` set on the last
-micro-step only, loss divided by K. `trainer` is the Transformers Trainer with
-`gradient_accumulation_steps`. Each writes its per-step wall times (seconds) as JSON on rank 0.
+``plain`` is a hand-written DDP loop the nanoGPT way: ``require_backward_grad_sync`` set on the last micro-step
+only, the loss divided by K, DDP's built-in all-reduce. ``trainer`` is the Transformers Trainer with
+``gradient_accumulation_steps``. Each writes its per-step wall times (seconds) as JSON on rank 0.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,12 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
 from launcher.config import DataConfig, EvalConfig, ModelConfig
 from launcher.data import build_datasets
+from launcher.data.dataset import TokenDataset
+from launcher.distributed import pin_to_core
 from launcher.loss import IGNORE
-from launcher.models import build_model
+from launcher.models import build_model, model_spec
+
+SEED = 0
 
 
 def parse() -> argparse.Namespace:
@@ -39,26 +46,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=1024)
     return p.parse_args()
 
 
-def build(args: argparse.Namespace):
-    torch.manual_seed(0)
-    bundle = build_model(
-        ModelConfig(name="tiny-gpt2", hidden_size=args.hidden_size, num_layers=args.num_layers),
-        args.seq_len,
-        torch.float32,
-    )
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
+    """What trainer.build makes of the same settings, in the same order from the same seed."""
+    set_seed(SEED)
+    model_cfg = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads)
+    spec = model_spec(model_cfg)
     data = build_datasets(
-        DataConfig(name="synthetic-lm", num_samples=args.num_samples, seq_len=args.seq_len),
-        EvalConfig(),
-        bundle,
-        seed=0,
-        num_labels=2,
+        DataConfig(num_samples=args.num_samples, seq_len=args.seq_len), EvalConfig(), model_cfg, spec, SEED
     )
-    return bundle.model, data.train
+    return build_model(spec, data.task, data.num_labels, args.seq_len, torch.float32), data.train
 
 
 def plain(args: argparse.Namespace) -> list[float]:
@@ -70,7 +72,7 @@ def plain(args: argparse.Namespace) -> list[float]:
     model = torch.nn.parallel.DistributedDataParallel(model.to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     plan = BatchPlan(world, args.micro_batch_size, args.accum_steps)
-    order = SampleOrder(len(data), plan.global_batch_size, seed=0)
+    order = SampleOrder(len(data), plan.global_batch_size, SEED)
     times = []
     for step in range(args.steps):
         start = time.perf_counter()
@@ -94,21 +96,14 @@ def plain(args: argparse.Namespace) -> list[float]:
 
 
 def trainer(args: argparse.Namespace) -> list[float]:
-    import tempfile
-
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, data = build(args)
-    rows = [{"input_ids": e} for e in data.examples]
+    # The Trainer draws its own sample order; its collator pads like the launcher's.
+    rows = [{"id": i} for i in range(len(data))]
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(i["input_ids"]) for i in items)
-        ids = torch.full((len(items), width), data.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for r, item in enumerate(items):
-            ids[r, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
-            mask[r, : len(item["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE)}
+        return data.collate([item["id"] for item in items], len(items), items[0]["id"])
 
     ends: list[float] = []
 
@@ -138,13 +133,14 @@ def trainer(args: argparse.Namespace) -> list[float]:
         use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
-        seed=0,
+        seed=SEED,
     )
     Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepClock()]).train()
     return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 
 def main() -> None:
+    pin_to_core()
     args = parse()
     times = plain(args) if args.loop == "plain" else trainer(args)
     if int(os.environ.get("RANK", "0")) == 0:

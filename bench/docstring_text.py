@@ -17,6 +17,7 @@ import importlib
 import inspect
 import random
 import re
+from pathlib import Path
 
 NETWORK = ["email", "email.message", "email.utils", "http.client", "http.server", "http.cookies", "urllib.request",
            "urllib.parse", "smtplib", "ftplib", "imaplib", "poplib", "socketserver", "xmlrpc.client", "ssl", "socket",
@@ -42,23 +43,28 @@ def sentences(modules: list[str]) -> list[str]:
     return sorted(found)
 
 
+def write_csv(out: str | Path, rows: int = 0) -> int:
+    """The CSV at ``out``; ``rows`` = 0: every sentence once, more: pairs of sentences, cycled. Returns its rows."""
+    table = [(s, 0) for s in sentences(NETWORK)] + [(s, 1) for s in sentences(DATA)]
+    random.Random(0).shuffle(table)
+    if rows:
+        table = [
+            (f"{table[i % len(table)][0]} {table[(7 * i + 3) % len(table)][0]}", table[i % len(table)][1])
+            for i in range(rows)
+        ]
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(table)
+    return len(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("--rows", type=int, default=0, help="0: every sentence once; more: pairs of sentences, cycled")
     args = parser.parse_args()
-    rows = [(s, 0) for s in sentences(NETWORK)] + [(s, 1) for s in sentences(DATA)]
-    random.Random(0).shuffle(rows)
-    if args.rows:
-        rows = [
-            (f"{rows[i % len(rows)][0]} {rows[(7 * i + 3) % len(rows)][0]}", rows[i % len(rows)][1])
-            for i in range(args.rows)
-        ]
-    with open(args.out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    print(f"{len(rows)} rows -> {args.out}")
+    print(f"{write_csv(args.out, args.rows)} rows -> {args.out}")
 
 
 if __name__ == "__main__":

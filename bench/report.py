@@ -1,9 +1,13 @@
-"""Render benchmark results (the dict bench/run.py saves) as markdown tables and plots."""
+"""docs/benchmarks.md and its plots, from the results dict bench/run.py saves (docs/benchmarks.json)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
+
+from bench.stats import RESOLUTION
+from launcher.timing import PHASES
 
 MIB = 2**20
 
@@ -12,6 +16,55 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _median_ms(runs: list[float]) -> str:
+    return _ms(statistics.median(runs))
+
+
+def _phases(breakdown: dict[str, float] | None) -> str:
+    """``fwd 3.2 / bwd 5.0 / comm 1.1 / ...`` (ms), or ``-``."""
+    if not breakdown:
+        return "-"
+    short = {"forward": "fwd", "backward": "bwd", "comm_exposed": "comm", "optimizer": "optim"}
+    return " / ".join(f"{short.get(p, p)} {breakdown[p + '_s'] * 1000:.1f}" for p in (*PHASES, "other"))
+
+
+def _overhead_table(section: dict) -> str:
+    figures = section["median_step_s"]
+    ratios = {r["of"]: r["text"] for r in section["ratios"] if r["to"] == "plain"}
+    rows = [
+        [name, _median_ms(runs), ratios.get(name, "1 (the base)" if name == "plain" else "-")]
+        for name, runs in figures.items()
+    ]
+    return _table(["loop", "median step (ms)", "ratio to plain [95% interval]"], rows)
+
+
+def _overhead_text(section: dict, title: str) -> list[str]:
+    shape, split = section["shape"], section["split"]
+    parts = [
+        title,
+        "",
+        f"GPT-2 from config, hidden {shape['hidden_size']}, {shape['num_layers']} layers, seq_len {shape['seq_len']} "
+        f"(about {section['parameters'] / 1e6:.1f} M parameters in the blocks); {split['processes']} processes, "
+        f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0; "
+        f"{section['rounds']} rounds of {section['steps']} steps, the first {section['warmup_steps']} left out.",
+        "",
+        _overhead_table(section),
+        "",
+        f"The launcher's step, by phase (ms, median): {_phases(section['launcher_breakdown'])}.",
+    ]
+    untimed = [r for r in section["ratios"] if r["to"] == "launcher_untimed"]
+    if untimed:
+        parts += [
+            "",
+            f"The time breakdown's own cost (launcher / launcher, `run.time_breakdown=none`): {untimed[0]['text']}.",
+        ]
+    return parts
 
 
 def _plots(results: dict[str, Any], out_dir: Path) -> None:
@@ -24,8 +77,13 @@ def _plots(results: dict[str, Any], out_dir: Path) -> None:
     ks = [r["accum_steps"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for sync in ("no_sync", "every_step"):
-        ax1.plot(ks, [r[sync]["step_time_s"] * 1000 for r in rows], marker="o", label=sync)
-        ax2.plot(ks, [r[sync]["allreduce_bytes_per_step"] / MIB for r in rows], marker="o", label=sync)
+        ax1.plot(
+            ks,
+            [statistics.median(r["median_step_s"][f"k{r['accum_steps']}_{sync}"]) * 1000 for r in rows],
+            marker="o",
+            label=sync,
+        )
+        ax2.plot(ks, [r["allreduce_bytes_per_step"][sync] / MIB for r in rows], marker="o", label=sync)
     for ax, label in ((ax1, "median step time (ms)"), (ax2, "all-reduce MiB / optimizer step")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("accumulation steps K (2 processes, micro batch 2)")
@@ -37,115 +95,207 @@ def _plots(results: dict[str, Any], out_dir: Path) -> None:
     plt.close(fig)
 
     mem = results["memory"]
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    ax.plot([r["micro_batch_size"] for r in mem], [r["peak_mem_bytes"] / MIB for r in mem], marker="o")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    micro = [r["micro_batch_size"] for r in mem]
+    ax.plot(micro, [r["activation_bytes"] / MIB for r in mem], marker="o", label="activations saved for backward")
+    ax.plot(micro, [r["model_state_bytes"] / MIB for r in mem], marker="o", label="parameters + gradients + AdamW")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("micro batch size (global batch fixed)")
-    ax.set_ylabel("peak memory per process (MiB)")
+    ax.set_ylabel("MiB per process")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "bench_memory.png", dpi=110)
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], out_dir: Path) -> None:
-    _plots(results, out_dir)
-    m = results["machine"]
-    ov = results["overhead"]
-    parts = [
-        "# Benchmarks",
-        "",
-        f"Machine: {m['cores']} cores ({m['cpu']}), {m['gpu'] or 'no GPU'}, backend {m['backend']}, "
-        f"Python {m['python']}, torch {m['torch']}, accelerate {m['accelerate']}, transformers {m['transformers']}.",
-        f"Reproduce: `{results['command']}` (the numbers below are from that one run; candidates are interleaved so "
-        "machine noise hits all of them alike). Step times are medians over the steps after the first "
-        f"{results['warmup_steps_excluded']}. Model: tiny GPT-2 {results['model']}.",
-        "",
-        "## 1. Overhead: launcher vs a hand-written DDP loop vs the Transformers Trainer",
-        "",
-        "2 processes, micro batch 4, K=4 (global batch 32), AdamW, clip 1.0. Ratio to the plain loop; the spread is "
-        "the min-max of the per-repeat medians.",
-        "",
-        _table(
-            ["loop", "median step (ms)", "spread (ms)", "ratio to plain"],
+def _no_sync_part(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in results["no_sync"]:
+        k, figures = r["accum_steps"], r["median_step_s"]
+        sent = r["allreduce_bytes_per_step"]
+        comm = {
+            sync: (r["breakdown"][f"k{k}_{sync}"] or {}).get("comm_exposed_s") for sync in ("no_sync", "every_step")
+        }
+        rows.append(
             [
-                [
-                    name,
-                    f"{r['median_step_time_s'] * 1000:.1f}",
-                    f"{r['min_s'] * 1000:.1f}-{r['max_s'] * 1000:.1f}",
-                    f"{r['ratio_to_plain']:.3f}",
-                ]
-                for name, r in ov.items()
-            ],
-        ),
+                str(k),
+                _median_ms(figures[f"k{k}_no_sync"]),
+                _median_ms(figures[f"k{k}_every_step"]),
+                r["ratio"]["text"],
+                f"{sent['no_sync'] / MIB:.2f} / {sent['every_step'] / MIB:.2f}",
+                f"{_ms(comm['no_sync'])} / {_ms(comm['every_step'])}",
+            ]
+        )
+    return [
+        "## What no_sync saves",
         "",
-        "## 2. What no_sync saves",
-        "",
-        "2 processes, micro batch 2; `every_step` all-reduces on every micro-step.",
+        "The tiny model, 2 processes, micro batch 2. At K=1 both policies do exactly the same work, so their ratio "
+        "must be 1 within its interval: the check that the method does not invent differences.",
         "",
         _table(
             [
                 "K",
-                "no_sync step (ms)",
-                "every_step step (ms)",
-                "time saved",
-                "no_sync MiB/step",
-                "every_step MiB/step",
-                "bytes ratio",
+                "no_sync (ms)",
+                "every_step (ms)",
+                "no_sync / every_step",
+                "all-reduced MiB/step (no_sync / every_step)",
+                "exposed comm (ms)",
             ],
-            [
-                [
-                    str(r["accum_steps"]),
-                    f"{r['no_sync']['step_time_s'] * 1000:.1f}",
-                    f"{r['every_step']['step_time_s'] * 1000:.1f}",
-                    f"{r['time_saving']:.0%}",
-                    f"{r['no_sync']['allreduce_bytes_per_step'] / MIB:.2f}",
-                    f"{r['every_step']['allreduce_bytes_per_step'] / MIB:.2f}",
-                    f"{r['bytes_ratio']:.1f}x",
-                ]
-                for r in results["no_sync"]
-            ],
+            rows,
         ),
         "",
         "![no_sync](bench_no_sync.png)",
+    ]
+
+
+def _accumulation_part(section: dict) -> list[str]:
+    figures, layouts = section["median_step_s"], section["layouts"]
+    ratios = {r["of"]: r["text"] for r in section["ratios"]}
+    rows = [
+        [
+            name,
+            f"{s['processes']} x {s['micro_batch_size']} x K={s['accum_steps']}",
+            _median_ms(figures[name]),
+            ratios.get(name, "1 (the base)"),
+            _phases(section["breakdown"][name]),
+        ]
+        for name, s in layouts.items()
+    ]
+    return [
+        "## Accumulation against devices, at global batch 32",
         "",
-        "## 3. Accumulation vs devices at global batch 32",
+        "The tiny model. One process here is one core: `1x_K8` is the same work on half the hardware.",
         "",
-        _table(
-            ["layout", "step (ms)", "samples/s", "tokens/s", "MiB all-reduced/step", "peak MiB/process"],
-            [
-                [
-                    r["layout"],
-                    f"{r['step_time_s'] * 1000:.1f}",
-                    f"{r['samples_per_s']:.0f}",
-                    f"{r['tokens_per_s']:.0f}",
-                    f"{r['allreduce_bytes_per_step'] / MIB:.2f}",
-                    f"{r['peak_mem_bytes'] / MIB:.0f}",
-                ]
-                for r in results["accumulation_vs_devices"]
-            ],
-        ),
+        _table(["layout", "processes x micro x K", "step (ms)", "ratio to 2x_K4", "phases (ms)"], rows),
+    ]
+
+
+def _memory_part(rows: list[dict]) -> list[str]:
+    table = [
+        [
+            str(r["micro_batch_size"]),
+            str(r["accum_steps"]),
+            f"{r['activation_bytes'] / MIB:.1f}",
+            f"{r['model_state_bytes'] / MIB:.1f}",
+            f"{r['peak_rss_bytes'] / MIB:.0f}",
+        ]
+        for r in rows
+    ]
+    return [
+        "## Memory against micro batch, at a fixed global batch",
         "",
-        "## 4. Memory vs micro batch at a fixed global batch",
+        "The realistic model on 1 process. Activations are the bytes saved for backward in one micro-step and the "
+        "model state is parameters, gradients and AdamW's moments, both read from the tensors (exact, so one run "
+        "each); the peak resident set is the process's, runtime included.",
         "",
-        f"1 process, tiny GPT-2 {results['memory_model']}, global batch {results['memory'][-1]['micro_batch_size']}. "
-        "Peak memory is the CUDA allocator's peak on GPU and the process's peak resident set on CPU (which includes "
-        "the ~350 MiB of the Python and torch runtime).",
-        "",
-        _table(
-            ["micro batch", "K", "peak MiB/process", "step (ms)"],
-            [
-                [
-                    str(r["micro_batch_size"]),
-                    str(r["accum_steps"]),
-                    f"{r['peak_mem_bytes'] / MIB:.0f}",
-                    f"{r['step_time_s'] * 1000:.0f}",
-                ]
-                for r in results["memory"]
-            ],
-        ),
+        _table(["micro batch", "K", "activations (MiB)", "model state (MiB)", "peak RSS (MiB)"], table),
         "",
         "![memory](bench_memory.png)",
+    ]
+
+
+def _data_part(section: dict) -> list[str]:
+    files = [
+        [
+            f"{r['tokens']:.0e}",
+            f"{r['file_bytes'] / MIB:,.0f}",
+            f"{r['peak_rss_bytes'] / MIB:.0f}",
+            f"{r['first_startup_s']:.1f}",
+            f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "-",
+            f"{r['data_share']:.1%}",
+        ]
+        for r in section["token_files"]
+    ]
+    csv = section["csv"]
+    text = [
+        [
+            f"{r['rows']:,}",
+            f"{r['tokens']:,}",
+            f"{r['tokenize_s']:.1f}",
+            f"{r['rows_per_s']:,.0f}" if r["rows_per_s"] else "-",
+            f"{r['miss_startup_s']:.1f} / {r['hit_startup_s']:.1f}",
+            f"{r['hit_peak_rss_bytes'] / MIB:.0f}",
+            f"{r['data_share']:.1%}" if r["data_share"] is not None else "-",
+        ]
+        for r in csv["sizes"]
+    ]
+    return [
+        "## Data at scale",
+        "",
+        f"2 processes, {section['steps']} steps each, the tiny models. Start-up is the launch's wall time less its "
+        "training time (process start, imports, data, model, rendezvous). A token file's first launch also checks "
+        "every id against the vocabulary (one read of the file, remembered beside the cache); the largest file "
+        "is launched again to show start-up without that check. Peak RSS is the largest rank's.",
+        "",
+        _table(
+            [
+                "tokens",
+                "file (MiB)",
+                "peak RSS/rank (MiB)",
+                "start-up (s)",
+                "again, ids checked (s)",
+                "data share of step",
+            ],
+            files,
+        ),
+        "",
+        f"A CSV of real text (Python's docstrings, `bench/docstring_text.py`), tokenized by {csv['tokenizer']} at "
+        "seq_len 128 on the first launch (a store miss) and mapped from the store on the second (a hit).",
+        "",
+        _table(
+            [
+                "rows",
+                "tokens",
+                "tokenize (s)",
+                "rows/s",
+                "start-up miss / hit (s)",
+                "hit peak RSS/rank (MiB)",
+                "data share",
+            ],
+            text,
+        ),
+    ]
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> None:
+    _plots(results, out_dir)
+    m = results["machine"]
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['gpu'] or 'no GPU'}, backend {m['backend']}, Python "
+        f"{m['python']}, torch {m['torch']}, accelerate {m['accelerate']}, transformers {m['transformers']}. "
+        f"Reproduce with `{results['command']}` ({results['wall_time_s'] / 60:.1f} minutes for this run).",
+        "",
+        "## Method",
+        "",
+        "Every figure is a ratio of two candidates measured in the same run. Their launches alternate in rounds, the "
+        "order rotated each round, so that the machine's drift (other work, clocks, caches) falls on both alike. Each "
+        "rank is pinned to a core of its own, every candidate starts from the same weights and trains the same "
+        f"samples, and each run's first steps are left out (warm-up: {results['warmup_steps_excluded']} on the tiny "
+        "model). A run's figure is the "
+        "median of its step times; a ratio is the geometric mean of the ratios of adjacent runs, with a 95% "
+        f"bootstrap interval over those pairs. An interval wider than {RESOLUTION:.0%} is printed as unresolved, not "
+        "as a figure.",
+        "",
+        "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "
+        "fwd, bwd, comm (the gradient communication the backward did not hide), scalars (the one per-step "
+        "all-reduce of the logged loss and the agreements), optim (clip, step, zero) and other.",
+        "",
+        *_overhead_text(
+            results["overhead"], "## Overhead: the launcher against a hand-written DDP loop and the Trainer"
+        ),
+        "",
+        *_overhead_text(results["realistic"], "## The same at a realistic size"),
+        "",
+        *_no_sync_part(results),
+        "",
+        *_accumulation_part(results["accumulation_vs_devices"]),
+        "",
+        *_memory_part(results["memory"]),
+        "",
+        *_data_part(results["data"]),
         "",
     ]
     (out_dir / "benchmarks.md").write_text("\n".join(parts))

@@ -44,7 +44,7 @@ from launcher.files import write_json_atomic
 from launcher.models import ENCODE_CHUNK_ROWS, ModelSpec, concatenated
 from launcher.terminal import RowProgress
 
-SCAN_CHUNK_TOKENS = 1 << 25  # ids read at a time when a token file is checked against the vocabulary
+SCAN_CHUNK_TOKENS = 1 << 22  # ids read at a time when a token file is checked against the vocabulary
 
 
 @dataclass
@@ -184,10 +184,11 @@ def _check_vocab(tokens: np.ndarray, source: Source, spec: ModelSpec, cache_dir:
         highest = json.loads(record.read_text())["max_id"]
     else:
         highest = 0
-        with open(source.path, "rb") as f:
+        chunk = np.empty(SCAN_CHUNK_TOKENS, dtype=tokens.dtype)  # one buffer, refilled: the scan's only memory
+        with open(source.path, "rb", buffering=0) as f:
             f.seek(0 if source.path.suffix == ".bin" else tokens.offset)
-            while chunk := f.read(SCAN_CHUNK_TOKENS * tokens.dtype.itemsize):
-                highest = max(highest, int(np.frombuffer(chunk, dtype=tokens.dtype).max()))
+            while read := f.readinto(chunk):
+                highest = max(highest, int(chunk[: read // chunk.itemsize].max()))
         if record is not None:
             write_json_atomic(record, {"max_id": highest, **source.identity()})
     if highest >= spec.vocab_size:
@@ -349,23 +350,27 @@ def _synthetic(data: DataConfig, evaluation: EvalConfig, model: ModelConfig, spe
 
 
 def _token_file(source: Source, data: DataConfig, evaluation: EvalConfig, spec: ModelSpec, seed: int) -> Datasets:
-    """A flat token file in blocks of data.seq_len + 1 tokens; eval.fraction carves blocks out."""
+    """A flat token file in blocks of data.seq_len + 1 tokens; eval.fraction holds the last blocks out."""
     if spec.task == CLS:
         raise ConfigError(f"data.name={source.value!r} is a flat token file, for a language model; model.task is cls")
     tokens = read_token_file(source).tokens
     _check_vocab(tokens, source, spec, resolve_cache_dir(data.cache_dir))
-    blocks = blocks_dataset(tokens, data.seq_len, spec.tokenizer.pad_token_id)
+    pad = spec.tokenizer.pad_token_id
+    blocks = blocks_dataset(tokens, data.seq_len, pad)
     if not len(blocks):
         raise ConfigError(
             f"data.name={source.value!r} holds {len(tokens)} tokens, fewer than one block of data.seq_len + 1 = "
             f"{data.seq_len + 1}"
         )
-    built = [blocks]
-    train_rows, held = _select(len(blocks), evaluation, data, seed, True)
-    if held is not None or data.max_rows:
-        built = [blocks.subset(train_rows)] + (
-            [blocks.subset(held[: evaluation.num_samples or None])] if held is not None else []
-        )
+    # eval.fraction holds out the file's last blocks, and data.max_rows keeps its first: a contiguous cut keeps
+    # both sets views of the mapped file, with nothing per block in memory (a random carve would need a billion
+    # indices for a 2 GB file).
+    held = round(len(blocks) * evaluation.fraction) if evaluation.fraction else 0
+    kept = len(blocks) - held
+    built = [blocks.first(min(kept, data.max_rows or kept))]
+    if held:
+        tail = blocks_dataset(tokens[kept * data.seq_len :], data.seq_len, pad)
+        built.append(tail.first(evaluation.num_samples or held))
     info = {"source_rows": len(blocks), "rows_used": len(built[0]), "truncated_rows": 0, "tokens": len(tokens)}
     return _datasets(built, LM, 0, "blocks", OFF, None, info, evaluation)
 

@@ -51,6 +51,12 @@ class TokenDataset:
             return int(np.maximum(self.sample_lengths(ids) - 1, 0).sum())
         return len(ids)
 
+    def first(self, count: int) -> TokenDataset:
+        """The first ``count`` samples (a view for blocks: nothing per sample)."""
+        if self.starts is None:
+            return TokenDataset(self.tokens, self.pad_token_id, block=self.block, num_blocks=min(count, len(self)))
+        return self.subset(np.arange(min(count, len(self))))
+
     def subset(self, ids: np.ndarray | list[int]) -> TokenDataset:
         ids = np.asarray(ids, dtype=np.int64)
         starts, lengths = self.spans(ids)

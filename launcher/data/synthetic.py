@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -42,3 +43,14 @@ def synthetic_cls(data: DataConfig, seed: int, num_labels: int) -> TokenDataset:
         labels.append(label)
     encoded = encoded_from_rows(examples, None, 0)
     return rows_dataset(encoded.tokens.astype(np.uint16), encoded.offsets, BYTE_PAD, np.asarray(labels, np.int64))
+
+
+def write_token_file(path: Path, num_tokens: int, vocab_size: int = 256, seed: int = 0) -> Path:
+    """A flat uint16 token file of ``num_tokens`` ids (as nanoGPT writes ``.bin``), for rehearsing data at scale:
+    one block of random ids written over and over, so that a file larger than memory is never in memory and
+    costs the disk's time, not the generator's."""
+    block = np.random.default_rng(seed).integers(0, vocab_size, min(num_tokens, 1 << 24), dtype=np.uint16)
+    with open(path, "wb") as f:
+        for start in range(0, num_tokens, len(block)):
+            block[: num_tokens - start].tofile(f)
+    return path

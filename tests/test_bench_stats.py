@@ -1,0 +1,51 @@
+"""The benchmark's statistics: pairing cancels drift, the interval covers the truth, and noise is not a figure."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.stats import RESOLUTION, paired_ratio, run_statistic
+
+
+def test_drift_common_to_a_pair_cancels():
+    # The machine slows threefold over the run; B is 2% slower than A throughout.
+    a = [10.0 * (1 + 2 * i / 7) for i in range(8)]
+    b = [x * 1.02 for x in a]
+    ratio = paired_ratio(b, a)
+    assert ratio.estimate == pytest.approx(1.02)
+    assert ratio.resolved and ratio.low == pytest.approx(1.02) and ratio.high == pytest.approx(1.02)
+
+
+def test_the_interval_covers_a_known_ratio_under_noise():
+    rng = random.Random(1)
+    base = [rng.uniform(40, 60) for _ in range(12)]
+    noisy = [x * 1.05 * rng.uniform(0.99, 1.01) for x in base]
+    ratio = paired_ratio(noisy, base)
+    assert ratio.low <= 1.05 <= ratio.high
+    assert ratio.resolved and ratio.text().startswith(f"{ratio.estimate:.3f} [")
+
+
+def test_noise_wider_than_the_resolution_is_unresolved():
+    rng = random.Random(2)
+    base = [50.0] * 6
+    noisy = [x * rng.uniform(0.8, 1.25) for x in base]
+    ratio = paired_ratio(noisy, base)
+    assert ratio.high - ratio.low > RESOLUTION and not ratio.resolved
+    assert ratio.text().startswith("unresolved (") and "6 pairs" in ratio.text()
+
+
+def test_one_pair_is_never_a_figure():
+    assert not paired_ratio([1.1], [1.0]).resolved
+
+
+def test_unpaired_runs_are_refused():
+    with pytest.raises(ValueError, match="same number"):
+        paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_a_run_figure_leaves_the_warmup_out():
+    assert run_statistic([9.0, 9.0, 1.0, 2.0, 3.0], warmup_steps=2) == 2.0
+    with pytest.raises(ValueError, match="warm-up"):
+        run_statistic([1.0, 2.0], warmup_steps=2)
