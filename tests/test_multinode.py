@@ -338,7 +338,8 @@ def test_trainer_runs_the_preflight(tmp_path, monkeypatch, override, env, words)
 @pytest.mark.launch
 def test_compare_runs_a_mode_over_a_shaped_link(tmp_path):
     """compare's ``link`` mode: two namespace hosts over a veth shaped to 100 Mbit/s, removed afterwards. The
-    same split's every_step run sends 3x the bytes of no_sync (K = 3), and over this link takes longer."""
+    same split's every_step run sends 3x the bytes of no_sync (K = 3). What the rate costs in time is measured by
+    the planner's validation (docs/planner.md), not asserted here."""
     if missing_tools("100mbit"):
         pytest.skip(missing_tools("100mbit"))
     modes = {  # no_sync is the reference: every_step must agree with it
@@ -362,6 +363,5 @@ def test_compare_runs_a_mode_over_a_shaped_link(tmp_path):
     assert found["every_step"].verdict == "agrees", found
     no_sync, every = found["no_sync"].cost, found["every_step"].cost
     assert every.allreduce_bytes_per_step == pytest.approx(3 * no_sync.allreduce_bytes_per_step, rel=0.05)
-    assert every.median_step_time_s > 1.5 * no_sync.median_step_time_s  # 2 more rounds of ~30 ms on the wire
     after = set(Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else set()
     assert after <= before  # the namespaces are gone
