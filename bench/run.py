@@ -2,7 +2,7 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # about 9 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
+    python bench/run.py            # about 10 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
     python bench/run.py --quick    # a smoke run of every section (about 2 minutes)
 
 The method (docs/benchmarks.md says why): every figure is a ratio of two candidates whose runs alternate in
@@ -280,7 +280,7 @@ def main() -> None:
             ),
             (
                 "realistic",
-                lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 2 if quick else 4, 1 if quick else 3, TRAINER, 1),
+                lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 2 if quick else 3, 1 if quick else 3, TRAINER, 1),
             ),
             ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 16, 2 if quick else 3)),
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 20, 1 if quick else 2)),

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 RESOLUTION = 0.04  # the widest interval (hi - lo, as a ratio) that still counts as a measurement
+MIN_PAIRS = 3  # fewer pairs give no interval worth the name (a bootstrap of two has three outcomes)
 RESAMPLES = 4000
 
 
@@ -27,7 +28,7 @@ class Ratio:
 
     @property
     def resolved(self) -> bool:
-        return len(self.pairs) >= 2 and self.high - self.low <= RESOLUTION
+        return len(self.pairs) >= MIN_PAIRS and self.high - self.low <= RESOLUTION
 
     def text(self) -> str:
         """``1.012 [0.998, 1.027]``, or ``unresolved (0.95-1.08, 6 pairs)``."""

@@ -36,8 +36,9 @@ def test_noise_wider_than_the_resolution_is_unresolved():
     assert ratio.text().startswith("unresolved (") and "6 pairs" in ratio.text()
 
 
-def test_one_pair_is_never_a_figure():
-    assert not paired_ratio([1.1], [1.0]).resolved
+def test_too_few_pairs_are_never_a_figure():
+    assert not paired_ratio([1.1, 1.1], [1.0, 1.0]).resolved
+    assert paired_ratio([1.1] * 3, [1.0] * 3).resolved
 
 
 def test_unpaired_runs_are_refused():
