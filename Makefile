@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 # judged for agreement and cost; report in runs/compare/report.md (about 2 minutes on 2 cores).
 run: compare
 
-# Any comparison: make compare COMPARE=configs/compare/float32_floor.yaml ARGS="overrides.run.seed=1"
+# Any comparison: make compare COMPARE=configs/compare/bf16.yaml ARGS="overrides.run.seed=1"
 # (compare sets OMP_NUM_THREADS = cores / processes and GLOO_SOCKET_IFNAME=lo unless the environment does.)
 compare: $(STAMP)
 	$(BIN)/python -m launcher.compare --config $(COMPARE) overwrite=true $(ARGS)

@@ -236,7 +236,7 @@ def _data_part(section: dict) -> list[str]:
                 "file (MiB)",
                 "peak RSS/rank (MiB)",
                 "start-up (s)",
-                "again, ids checked (s)",
+                "start-up, ids known (s)",
                 "data share of step",
             ],
             files,

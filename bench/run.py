@@ -284,7 +284,7 @@ def main() -> None:
             ),
             ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 16, 2 if quick else 3)),
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 20, 1 if quick else 2)),
-            ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 4, 8])),
+            ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
         ]
         results: dict = {"machine": machine(), "command": "python bench/run.py" + (" --quick" if quick else "")}
