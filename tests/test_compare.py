@@ -18,7 +18,7 @@ from launcher.compare.judge import failure_lines, loss_agreement, verdict, weigh
 from launcher.compare.modes import plan_modes
 from launcher.compare.preflight import batch_norm_layers, preflight
 from launcher.compare.report import markdown, write_all
-from launcher.compare.report.tables import cost_header, headline
+from launcher.compare.report.tables import cost_header, floor_lines, headline
 from launcher.compare.results import (
     AGREES,
     AGREES_DESPITE,
@@ -184,6 +184,13 @@ def test_the_report_renders_from_compare_json_alone(tmp_path):
     ]
     assert "tokens/s" in cost_header(result)  # an LM: tokens are not its samples
     assert markdown(result) == report
+
+
+def test_the_fixed_tolerance_is_named_only_where_it_judged():
+    result = read_comparison(GOLDEN)  # float64 throughout: no floor is needed, nothing is judged by tolerance
+    assert not any("fixed tolerance" in line for line in floor_lines(result))
+    result.mode("accum_1x4").agreement.judged_by = BY_TOLERANCE
+    assert any("fixed tolerance 5e-05" in line for line in floor_lines(result))
 
 
 # ----------------------------------------------------------------------------------------- one launch

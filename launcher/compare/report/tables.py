@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from launcher.compare.config import DIFFER, EQUAL, SWEEP
-from launcher.compare.results import DISAGREES, Comparison, ModeResult
+from launcher.compare.results import BY_TOLERANCE, DISAGREES, Comparison, ModeResult
 
 MIB = 2**20
 
@@ -86,10 +86,13 @@ def floor_lines(result: Comparison) -> list[str]:
         "exact arithmetic leaves nothing but rounding far below that."
     ]
     if floor is None:
-        lines.append(
-            "No rounding floor was measured (floor.control=false, or the control failed): float32 and mixed-precision "
-            f"modes were judged by the fixed tolerance {tol['float32']:.0e} of the weights' norm instead."
-        )
+        # Said only where it happened: an all-float64 comparison needs no floor and judged nothing by tolerance.
+        if any(m.agreement is not None and m.agreement.judged_by == BY_TOLERANCE for m in result.modes):
+            lines.append(
+                "No rounding floor was measured (floor.control=false, or the control failed): float32 and "
+                f"mixed-precision modes were judged by the fixed tolerance {tol['float32']:.0e} of the weights' norm "
+                "instead."
+            )
         return lines
     lines.append(
         f"The floor of this comparison is measured by `{floor.control}`, {floor.how}. It ends "
