@@ -205,6 +205,16 @@ def check_folder(path: Path, key: str, found: list[str], overwrite: bool, what: 
         raise ConfigError(f"{key}={str(path)!r} is not writable: {err.strerror}") from None
 
 
+def claim_output_folder(path: Path, outputs: tuple[str, ...], overwrite: bool, what: str) -> Path:
+    """A tool's ``output_dir`` (compare, the planner): refused when it holds ``outputs`` (unless overwrite=true),
+    then emptied of them, so that no older file is left beside newer results."""
+    found = [name for name in outputs if (path / name).exists()]
+    check_folder(path, "output_dir", found, overwrite, what, "overwrite")
+    for name in outputs:
+        (path / name).unlink(missing_ok=True)
+    return path
+
+
 class MetricsWriter:
     """metrics.jsonl, one StepRecord per line, flushed per line so a reader (or a crash) sees whole lines only."""
 

@@ -15,7 +15,7 @@ from launcher.compare.config import CompareConfig, load_compare_config
 from launcher.compare.modes import PlannedMode, plan_modes
 from launcher.config import UserError
 from launcher.launch import threads_per_device
-from launcher.rundir import check_folder
+from launcher.rundir import claim_output_folder
 
 OUTPUT_FILES = ("compare.json", "report.md", "loss_curves.png", "cost.png")
 
@@ -30,17 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. modes.ddp_2x1.num_processes=4"
     )
     return parser.parse_args(argv)
-
-
-def claim_output_dir(cfg: CompareConfig) -> Path:
-    """The comparison's folder, refused when it holds a comparison (unless overwrite=true), emptied of an older
-    report so that none is left beside a newer comparison."""
-    out = Path(cfg.output_dir)
-    found = [name for name in OUTPUT_FILES if (out / name).exists()]
-    check_folder(out, "output_dir", found, cfg.overwrite, "a comparison", "overwrite")
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    return out
 
 
 def threads_for(cfg: CompareConfig, planned: list[PlannedMode]) -> int:
@@ -63,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.compare.session import check_inputs, run_comparison
 
         check_inputs(planned)
-        out = claim_output_dir(cfg)
+        out = claim_output_folder(Path(cfg.output_dir), OUTPUT_FILES, cfg.overwrite, "a comparison")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

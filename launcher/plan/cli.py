@@ -19,7 +19,7 @@ from launcher.plan.profile import PROFILE_FILE, measure_profile, read_profile, w
 from launcher.plan.rank import predict_all, reasons
 from launcher.plan.results import PlanResult
 from launcher.records import to_json
-from launcher.rundir import check_folder
+from launcher.rundir import claim_output_folder
 from launcher.runplan import make_plan
 
 OUTPUT_FILES = ("plan.json", "plan.md", "plan.png", PROFILE_FILE)
@@ -41,16 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # --validate may come after the key=value overrides
 
 
-def claim_output_dir(cfg: PlanConfig) -> Path:
-    """The plan's folder, refused when it holds a plan (unless overwrite=true), emptied of an older one."""
-    out = Path(cfg.output_dir)
-    found = [name for name in OUTPUT_FILES if (out / name).exists()]
-    check_folder(out, "output_dir", found, cfg.overwrite, "a plan", "overwrite")
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    return out
-
-
 def target_batch(train: Config, cfg: PlanConfig) -> int:
     """The global batch to reach: the planner's key, else what the training config resolves to on one device."""
     return cfg.global_batch_size or make_plan(train, 1).batch.global_batch_size
@@ -61,7 +51,7 @@ def plan(train: Config, cfg: PlanConfig, config_path: str, validate: bool) -> Pl
     global_batch = target_batch(train, cfg)
     splits = enumerate_splits(train, global_batch, cfg.device_counts, cfg.strategy_names)
     reused = read_profile(cfg.profile.reuse) if cfg.profile.reuse else None  # before the folder is emptied
-    out = claim_output_dir(cfg)
+    out = claim_output_folder(Path(cfg.output_dir), OUTPUT_FILES, cfg.overwrite, "a plan")
     # The seam: measuring starts launches; everything above is checked first, in milliseconds.
     profile: Profile = reused or measure_profile(train, cfg, global_batch, out)
     write_profile(profile, out / PROFILE_FILE)
