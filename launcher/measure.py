@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import accelerate
@@ -148,14 +149,25 @@ def now_s() -> float:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU (Linux: KiB)."""
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU.
+
+    On Linux the peak is the address space's own (VmHWM): ru_maxrss survives execve, so a trainer started
+    straight from a large parent (a test worker, a notebook) would report the parent's peak."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS: Linux above
 
 
 def memory_source(device: torch.device) -> str:
-    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "getrusage.ru_maxrss"
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "/proc/self/status VmHWM" if Path("/proc/self/status").exists() else "getrusage.ru_maxrss"
 
 
 def library_versions() -> dict[str, str]:

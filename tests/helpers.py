@@ -63,6 +63,15 @@ def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> 
     return out
 
 
+def run_here(tmp_path: Path, name: str, *overrides: str, config: str | Path = TINY_LM) -> Path:
+    """A 1-process run into tmp_path/name, trained in this process (the launch of one process is nothing but its
+    imports, about 5 s of CPU); fails the test with its stderr unless it exits 0."""
+    out = tmp_path / name
+    code, stderr = train_in_process(f"run.output_dir={out}", *overrides, config=config)
+    assert code == 0, f"{name} exited {code}\n{stderr[-6000:]}"
+    return out
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (the ranks of an `accelerate launch` agent), from /proc."""
     found = []
@@ -160,9 +169,13 @@ def reset_accelerate() -> None:
 
 
 def train_in_process(*args: str, config: str | Path | None = TINY_LM) -> tuple[int, str]:
-    """The trainer's ``main()`` in this process, as one process without a launcher: (exit code, stderr)."""
+    """The trainer's ``main()`` in this process, as one process without a launcher: (exit code, stderr).
+    One thread, as a launched process has (OMP_NUM_THREADS=1): its float64 runs are bitwise a launched run's."""
+    import torch
+
     from launcher.train import main
 
+    torch.set_num_threads(1)
     stderr = io.StringIO()
     argv = [*(["--config", str(config)] if config else []), *args]
     environ = dict(os.environ)  # Accelerate sets RANK, MASTER_PORT... while it forms (or fails to form) a group

@@ -1,6 +1,6 @@
 """The core promise, from one real comparison: the same global batch gives the same model under accumulation,
-DDP, both, and two machines; no_sync all-reduces once per optimizer step; compare judges it all from the
-files the runs wrote.
+DDP, and both (two machines: test_multinode); no_sync all-reduces once per optimizer step; compare judges it all
+from the files the runs wrote.
 
 One module-scoped comparison (float64, dropout 0, SGD, a variable-length LM, 40 samples so that epochs end in
 short 8-sample windows) serves every assertion. One of its modes is expected to agree but trains with
@@ -8,8 +8,6 @@ another learning rate, so the command must exit 1 and name it, while the other m
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -45,7 +43,6 @@ MODES = {
         "baseline": True,
         "overrides": {"batch": {"micro_batch_size": 2, "sync": "every_step"}},
     },
-    "two_machines": {"num_processes": 2, "num_machines": 2, "overrides": {"batch.micro_batch_size": 4}},
     "mean_1x4": {
         "num_processes": 1,
         "expect": "differ",
@@ -54,7 +51,7 @@ MODES = {
     # Expected to agree, but given another learning rate: must fail the comparison, by name.
     "wrong_lr": {"num_processes": 1, "overrides": {"batch.micro_batch_size": 16, "optim.lr": 0.7}},
 }
-EQUAL_SPLITS = ["accum_1x4", "ddp_accum_2x2", "ddp_2x1", "ddp_accum_2x4", "every_step_2x4", "two_machines"]
+EQUAL_SPLITS = ["accum_1x4", "ddp_accum_2x2", "ddp_2x1", "ddp_accum_2x4", "every_step_2x4"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +101,6 @@ def test_plan_is_derived_from_the_launch(core):
         "ddp_accum_2x2": (2, 4, 2),
         "ddp_2x1": (2, 8, 1),
         "ddp_accum_2x4": (2, 2, 4),
-        "two_machines": (2, 4, 2),
     }
     for name, (world, micro, accum) in expected.items():
         s = core["runs"][name].summary
@@ -112,10 +108,9 @@ def test_plan_is_derived_from_the_launch(core):
 
 
 def test_two_cpu_processes_form_a_real_gloo_group(core):
-    for name in ("ddp_accum_2x2", "two_machines"):
-        s = core["runs"][name].summary
-        assert (s.world_size, s.backend) == (2, "gloo")
-        assert len(s.peak_mem_bytes_per_rank) == 2  # one figure per process, gathered over both machines
+    s = core["runs"]["ddp_accum_2x2"].summary
+    assert (s.world_size, s.backend) == (2, "gloo")
+    assert len(s.peak_mem_bytes_per_rank) == 2  # one figure per process
 
 
 def test_no_sync_all_reduces_once_per_optimizer_step(core):
@@ -185,17 +180,3 @@ def test_a_mode_that_should_agree_but_does_not_fails_by_name(core):
     assert wrong.agreement.weights_rel_l2 > wrong.agreement.tolerance_rel_l2
     # The preflight said why before anything ran.
     assert "wrong_lr: changes more than the split" in core["proc"].stdout
-
-
-def test_two_machines_keep_their_logs_and_one_writer(core):
-    run_dir = core["out"] / "modes" / "two_machines"
-    mode = core["modes"]["two_machines"]
-    assert mode.num_machines == 2
-    assert mode.machine_logs == [str(run_dir / "train.log"), str(run_dir / "train.machine1.log")]
-    assert all((run_dir / name).is_file() for name in ("train.log", "train.machine1.log"))
-    # One writer: one line per step, none repeated by a second "main" process on machine 1.
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))
-    # The same split on one machine: the same model.
-    assert rel_l2(core["runs"]["two_machines"].weights, core["runs"]["ddp_accum_2x2"].weights) <= 1e-10
-    assert "| two_machines | 2m x 1p x mb4 x K=2 |" in (core["out"] / "report.md").read_text()

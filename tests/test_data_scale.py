@@ -1,5 +1,6 @@
 """Data at scale, launched: a 2 GB token file trains in the memory of a small one, a cached 300k-row CSV in the
-memory of a 1k-row one, and packed blocks give the same model under every split."""
+memory of a 1k-row one (one launched process each: a rank's memory is what is measured, and every rank maps
+the same files), and packed blocks give the same model under every split."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from launcher.data import build_datasets
 from launcher.data.store import HIT
 from launcher.data.synthetic import write_token_file
 from launcher.models import model_spec
-from tests.helpers import TINY_LM, make_text, read_run, rel_l2, run_ok
+from tests.helpers import TINY_LM, make_text, read_run, rel_l2, run_here, run_ok
 
 pytestmark = pytest.mark.launch
 
@@ -29,7 +30,7 @@ def token_files(tmp_path_factory):
     runs = {}
     for name, tokens in (("small", 10**6), ("large", 10**9)):
         path = write_token_file(tmp / f"{name}.bin", tokens)
-        runs[name] = read_run(run_ok(tmp, 2, name, f"data.name={path}", f"data.cache_dir={tmp / 'cache'}", *SHORT))
+        runs[name] = read_run(run_ok(tmp, 1, name, f"data.name={path}", f"data.cache_dir={tmp / 'cache'}", *SHORT))
         path.unlink()  # 2 GB of disk back before the next test
     return runs
 
@@ -54,7 +55,7 @@ def test_a_cached_300k_row_csv_trains_in_the_memory_of_1k_rows(tmp_path):
         if name == "large":  # a run before this one tokenized it: the store is what the launch maps
             build_datasets(data, EvalConfig(fraction=0), model, model_spec(model), 0)
         overrides = (f"data.name={path}", f"data.cache_dir={cache}", "data.seq_len=64", *SHORT)
-        outs[name] = run_ok(tmp_path, 2, name, *overrides, config="configs/runs/tiny_cls.yaml")
+        outs[name] = run_ok(tmp_path, 1, name, *overrides, config="configs/runs/tiny_cls.yaml")
     large = read_run(outs["large"]).summary
     assert (large.data.tokenized_cache, large.data.train_samples) == (HIT, 300_000)
     grew = peak_rss(outs["large"]) - peak_rss(outs["small"])
@@ -76,10 +77,10 @@ def test_packed_blocks_give_the_same_model_under_every_split(tmp_path):
         "batch.accum_steps=null",
     )
     splits = {"accum_1x4": (1, 2), "ddp_accum_2x2": (2, 2), "ddp_2x1": (2, 4)}  # processes, micro batch
-    runs = {
-        name: read_run(run_ok(tmp_path, procs, name, *common, f"batch.micro_batch_size={micro}"))
-        for name, (procs, micro) in splits.items()
-    }
+    runs = {}
+    for name, (procs, micro) in splits.items():
+        args = (*common, f"batch.micro_batch_size={micro}")  # the 1-process reference trains in this process
+        runs[name] = read_run(run_here(tmp_path, name, *args) if procs == 1 else run_ok(tmp_path, procs, name, *args))
     reference = runs.pop("accum_1x4")
     assert reference.summary.data.layout == "blocks" and reference.summary.accum_steps == 4
     for name, run in runs.items():

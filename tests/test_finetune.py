@@ -14,6 +14,7 @@ from tests.helpers import (
     pair_rows,
     read_run,
     rel_l2,
+    run_here,
     run_ok,
     save_tiny_pretrained_bert,
     train_in_process,
@@ -46,7 +47,7 @@ def finetuned(tmp_path_factory):
         "optim.lr=0.001",
     )
     # The 1-process run fills the cache (a miss), so the 2-process run must hit it.
-    one = read_run(run_ok(tmp, 1, "one", *common))
+    one = read_run(run_here(tmp, "one", *common))  # in this process
     two = read_run(run_ok(tmp, 2, "two", *common))
     return one, two
 

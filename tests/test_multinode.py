@@ -2,8 +2,8 @@
 
 Machine 0 is 10.77.0.1 and machine 1 is 10.77.0.2, addresses that exist only inside the test's own
 namespaces; gloo is pinned to the veth by GLOO_SOCKET_IFNAME (gloo otherwise takes the address of the
-hostname, which need not be on the link). Each machine runs one process, so the job has the same world
-size as the 1-machine, 2-process reference.
+hostname, which need not be on the link). Each machine runs one process; the reference is the same global batch
+on one process.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.helpers import (
     hosts_or_skip,
     read_run,
     rel_l2,
-    run_ok,
+    run_here,
     train_in_process,
     write_compare_config,
 )
@@ -154,9 +154,9 @@ def uninterrupted(tmp_path_factory, net) -> dict[str, tuple[Path, float]]:
 
 @pytest.fixture(scope="module")
 def one_machine(tmp_path_factory) -> dict:
-    """The reference: 1 machine, 2 processes, same config."""
+    """The reference: the same config on 1 machine, 1 process (K=4 instead of 2 x K=2), trained in this process."""
     root = tmp_path_factory.mktemp("one_machine")
-    return read_run(run_ok(root, 2, "one_machine", *EQUIVALENCE))
+    return read_run(run_here(root, "one_machine", *EQUIVALENCE))
 
 
 @pytest.mark.launch
@@ -167,7 +167,7 @@ def test_two_machines_match_one_machine(uninterrupted, one_machine, rdzv):
     two = read_run(out)
     assert two.summary.world_size == 2 and two.summary.backend == "gloo"
     distance = rel_l2(two.weights, one_machine.weights)
-    assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 machine"
+    assert distance <= 1e-10, f"relative L2 {distance:.3e} between 2 machines and 1 process"
 
 
 def assert_healed(out: Path, reference: Path, restarts: list[tuple[int, int, int]]) -> None:
@@ -359,9 +359,18 @@ def test_compare_runs_a_mode_over_a_shaped_link(tmp_path):
     common = {"run.dtype": "float64", "run.max_steps": 4, "data.num_samples": 48, "batch.global_batch_size": 12}
     config = write_compare_config(tmp_path, modes, common, floor={"control": False})
     before = set(Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else set()
-    found = compared(tmp_path, config)["modes"]
+    result = compared(tmp_path, config)
+    found = result["modes"]
     assert found["every_step"].verdict == "agrees", found
     no_sync, every = found["no_sync"].cost, found["every_step"].cost
     assert every.allreduce_bytes_per_step == pytest.approx(3 * no_sync.allreduce_bytes_per_step, rel=0.05)
+    # Each machine keeps its log, and machine 0 alone writes: one line per step, one memory figure per process.
+    run_dir = result["out"] / "modes" / "no_sync"
+    assert found["no_sync"].num_machines == 2
+    assert found["no_sync"].machine_logs == [str(run_dir / "train.log"), str(run_dir / "train.machine1.log")]
+    assert all((run_dir / name).is_file() for name in ("train.log", "train.machine1.log"))
+    run = read_run(run_dir)
+    assert [m.step for m in run.metrics] == [1, 2, 3, 4]
+    assert len(run.summary.peak_mem_bytes_per_rank) == 2
     after = set(Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else set()
     assert after <= before  # the namespaces are gone
