@@ -265,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """The command-line entry (``accelerate launch launcher/train.py``, ``accum-train``)."""
     code = main()
-    if code == EXIT_USER_ERROR and distributed.local_rank() != 0 and STOP_SIGNALS.received is None:
+    if code in (EXIT_USER_ERROR, EXIT_REPEATED) and distributed.local_rank() != 0 and STOP_SIGNALS.received is None:
         # A shared error is printed by each machine's first process only, and the launcher stops every rank as
         # soon as one exits: wait here (the launcher ends the wait when that process exits) so that this rank, if it
-        # got there first, does not get the printing process killed before its line is out.
+        # got there first, does not get the printing process killed before its line is out. A repeated failure's
+        # first process stops the agent: an exit here first would have the agent start another attempt.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(USER_ERROR_GRACE_S)
     # Every result is written and fsynced, the trackers are closed and the process group is destroyed. Leave
