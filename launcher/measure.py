@@ -148,26 +148,31 @@ def now_s() -> float:
     return time.perf_counter()
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU.
-
-    On Linux the peak is the address space's own (VmHWM): ru_maxrss survives execve, so a trainer started
-    straight from a large parent (a test worker, a notebook) would report the parent's peak."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def own_peak_rss_bytes() -> int | None:
+    """This address space's peak resident set (Linux VmHWM); None where /proc does not say. Not ru_maxrss:
+    that survives execve, so a trainer started straight from a large parent (a test worker, a notebook) would
+    report the parent's peak."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS: Linux above
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    own = own_peak_rss_bytes()
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def memory_source(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated"
-    return "/proc/self/status VmHWM" if Path("/proc/self/status").exists() else "getrusage.ru_maxrss"
+    return "/proc/self/status VmHWM" if own_peak_rss_bytes() is not None else "getrusage.ru_maxrss"
 
 
 def library_versions() -> dict[str, str]:

@@ -72,6 +72,13 @@ def run_here(tmp_path: Path, name: str, *overrides: str, config: str | Path = TI
     return out
 
 
+def run_split(tmp_path: Path, nproc: int, name: str, *overrides: str, config: str | Path = TINY_LM) -> Path:
+    """``run_here`` for 1 process, ``run_ok`` (launched) for more: a run whose launch is not what is tested."""
+    if nproc == 1:
+        return run_here(tmp_path, name, *overrides, config=config)
+    return run_ok(tmp_path, nproc, name, *overrides, config=config)
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (the ranks of an `accelerate launch` agent), from /proc."""
     found = []

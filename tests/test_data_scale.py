@@ -11,7 +11,7 @@ from launcher.data import build_datasets
 from launcher.data.store import HIT
 from launcher.data.synthetic import write_token_file
 from launcher.models import model_spec
-from tests.helpers import TINY_LM, make_text, read_run, rel_l2, run_here, run_ok
+from tests.helpers import TINY_LM, make_text, read_run, rel_l2, run_ok, run_split
 
 pytestmark = pytest.mark.launch
 
@@ -77,10 +77,10 @@ def test_packed_blocks_give_the_same_model_under_every_split(tmp_path):
         "batch.accum_steps=null",
     )
     splits = {"accum_1x4": (1, 2), "ddp_accum_2x2": (2, 2), "ddp_2x1": (2, 4)}  # processes, micro batch
-    runs = {}
-    for name, (procs, micro) in splits.items():
-        args = (*common, f"batch.micro_batch_size={micro}")  # the 1-process reference trains in this process
-        runs[name] = read_run(run_here(tmp_path, name, *args) if procs == 1 else run_ok(tmp_path, procs, name, *args))
+    runs = {  # the 1-process reference trains in this process
+        name: read_run(run_split(tmp_path, procs, name, *common, f"batch.micro_batch_size={micro}"))
+        for name, (procs, micro) in splits.items()
+    }
     reference = runs.pop("accum_1x4")
     assert reference.summary.data.layout == "blocks" and reference.summary.accum_steps == 4
     for name, run in runs.items():

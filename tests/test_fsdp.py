@@ -17,7 +17,7 @@ from torch import nn
 from launcher.compare.results import AGREES
 from launcher.config import ConfigError
 from launcher.parallel.fsdp import block_classes
-from tests.helpers import assert_one_error_line, compared, read_run, rel_l2, run_here, run_ok, train_in_process
+from tests.helpers import assert_one_error_line, compared, read_run, rel_l2, run_split, train_in_process
 
 CONFIG = "configs/compare/fsdp.yaml"
 K, UNITS = 4, 3  # micro-steps per window on 2 processes; FSDP units of the tiny GPT-2: 2 blocks and the root
@@ -45,10 +45,7 @@ def fsdp(tmp_path_factory):
         this process)."""
         checkpoint = modes / mode / "checkpoints" / "step-00000004"
         args = [f"run.resume={checkpoint}", f"parallel.strategy={strategy}", f"run.expected_world_size={nproc}"]
-        config = str(modes / mode / "launch_config.yaml")
-        if nproc == 1:
-            return read_run(run_here(folder, name, *args, config=config))
-        return read_run(run_ok(folder, nproc, name, *args, config=config))
+        return read_run(run_split(folder, nproc, name, *args, config=str(modes / mode / "launch_config.yaml")))
 
     found["resumed"] = {
         "fsdp_to_fsdp": resume("fsdp_to_fsdp", 2, "fsdp_2x4", "fsdp"),
