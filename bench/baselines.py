@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from launcher.batching import BatchPlan, SampleOrder, micro_batch_ids
+from launcher.builtin import LM
 from launcher.config import DataConfig, EvalConfig, ModelConfig
 from launcher.data import build_datasets
 from launcher.data.dataset import TokenDataset
 from launcher.distributed import pin_to_core
-from launcher.loss import IGNORE
+from launcher.loss import IGNORE, summed_loss, targets
 from launcher.models import build_model, model_spec
 
 SEED = 0
@@ -135,7 +136,20 @@ def trainer(args: argparse.Namespace) -> list[float]:
         ddp_find_unused_parameters=False,
         seed=SEED,
     )
-    Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[StepClock()]).train()
+
+    def loss(outputs: object, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
+        # The built-in model returns logits only: the launcher's summed loss over the Trainer's window count.
+        items = num_items_in_batch or int((targets(labels, LM) != IGNORE).sum())
+        return summed_loss(outputs.logits, labels, LM) / items
+
+    Trainer(
+        model=model,
+        args=targs,
+        train_dataset=rows,
+        data_collator=collate,
+        callbacks=[StepClock()],
+        compute_loss_func=loss,
+    ).train()
     return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 

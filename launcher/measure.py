@@ -10,6 +10,7 @@ counted apart from the gradients'.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import platform
 import resource
 import time
@@ -21,7 +22,6 @@ from typing import Any
 import accelerate
 import torch
 import torch.distributed as dist
-import transformers
 
 # torch.distributed function -> the collective it is. Sizes are the bytes requested: the tensor of an
 # all-reduce, the full (unsharded) input of a reduce-scatter and output of an all-gather.
@@ -180,7 +180,7 @@ def library_versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
-        "transformers": transformers.__version__,
+        "transformers": importlib.metadata.version("transformers"),  # not imported: a built-in model needs none
     }
 
 

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from torch import nn
-from transformers import (
-    CONFIG_MAPPING,
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-)
 
 from launcher.builtin import BUILTIN_TASKS, CLS, LM
 from launcher.config import ConfigError, ModelConfig
+from launcher.tiny_models import MlpBatchNorm, TinyBert, TinyGPT2
+
+# transformers is imported where an hf: model needs it: a run of a built-in model never pays its ~2 s import.
 
 ENCODE_CHUNK_ROWS = 20_000  # rows per encoder call: a fast tokenizer spreads each call over the cores
 
@@ -146,34 +137,16 @@ def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str | None:
     return None
 
 
-# The built-in transformers: (task, config class, model class, the config's names for positions, width,
-# depth and heads). The same tiny shape in each architecture's own words.
-TINY = {
-    "tiny-gpt2": (LM, GPT2Config, GPT2LMHeadModel, ("n_positions", "n_embd", "n_layer", "n_head")),
-    "tiny-bert": (
-        CLS,
-        BertConfig,
-        BertForSequenceClassification,
-        ("max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads"),
-    ),
-}
-
-
-def _tiny(cfg: ModelConfig, num_labels: int, max_positions: int) -> nn.Module:
-    tok = ByteTokenizer()
-    _, config_class, build, names = TINY[cfg.name]
+def _builtin(cfg: ModelConfig, pad_token_id: int, vocab_size: int, num_labels: int, positions: int) -> nn.Module:
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}")
-    shape = dict(zip(names, (max_positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads), strict=True))
-    if build is GPT2LMHeadModel:
-        extra = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.bos_token_id}
-    else:
-        extra = {"intermediate_size": 4 * cfg.hidden_size, "num_labels": num_labels}
-    config = config_class(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **shape, **extra)
-    _set_dropout(config, cfg.dropout or 0.0)  # the built-in models' own dropout is 0
-    # Eager attention: the same kernels for every batch shape, so splits compare exactly.
-    config._attn_implementation = "eager"
-    return build(config)
+    dropout = cfg.dropout or 0.0  # the built-in models' own dropout is 0
+    if cfg.name == "tiny-gpt2":
+        return TinyGPT2(vocab_size, positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads, dropout)
+    if cfg.name == "tiny-bert":
+        shape = (positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
+        return TinyBert(vocab_size, pad_token_id, *shape, num_labels, dropout)
+    return MlpBatchNorm(vocab_size, cfg.hidden_size, cfg.num_layers, num_labels, dropout)
 
 
 def first_line(err: BaseException) -> str:
@@ -182,6 +155,8 @@ def first_line(err: BaseException) -> str:
 
 
 def _unknown_architecture(name: str, model_type: str) -> ConfigError:
+    import transformers
+
     return ConfigError(
         f"model.name={name!r} is a {model_type!r} model (config.json model_type), an architecture transformers "
         f"{transformers.__version__} does not know; use a model of a known type or a transformers that has it"
@@ -196,6 +171,8 @@ def _check_local_folder(name: str, folder: Path) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.name={name!r}: the folder has no config.json (save the model with save_pretrained)")
+    from transformers import CONFIG_MAPPING
+
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (ValueError, AttributeError):
@@ -266,36 +243,10 @@ def hf_tokenizer(name: str, tokenizer: object) -> Tokenizer:
     return Tokenizer(len(tokenizer), pad, eos, tokenizer_fingerprint(tokenizer), _hf_encoder(tokenizer))
 
 
-@dataclass
-class ClassifierOutput:
-    logits: torch.Tensor
-
-
-class MlpBatchNorm(nn.Module):
-    """Bag-of-bytes classifier with BatchNorm: embedding, masked mean over the tokens, then ``num_layers``
-    blocks of Linear -> BatchNorm1d -> ReLU, dropout, and a Linear to the classes.
-
-    Small and free of attention on purpose: what it shows is BatchNorm's dependence on the micro-batch.
-    The masked mean makes a sample's features independent of the padding its micro-batch needs.
-    """
-
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, num_labels: int, dropout: float) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, hidden_size)
-        blocks = []
-        for _ in range(num_layers):
-            blocks += [nn.Linear(hidden_size, hidden_size), nn.BatchNorm1d(hidden_size), nn.ReLU()]
-        self.body = nn.Sequential(*blocks, nn.Dropout(dropout))
-        self.head = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ClassifierOutput:
-        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
-        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return ClassifierOutput(self.head(self.body(pooled)))
-
-
 def _open_pretrained(cfg: ModelConfig) -> tuple[str, object, object]:
     """(source, transformers config, tokenizer) of an hf: model, without its weights; one line per mistake."""
+    from transformers import AutoConfig, AutoTokenizer
+
     source = cfg.name.removeprefix("hf:")
     if not source:
         raise ConfigError("model.name='hf:' needs a local folder or a hub id after 'hf:'")
@@ -338,17 +289,17 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
 
 def pretrained_config(name: str) -> object:
     """The transformers config of an ``hf:`` model (its config.json), without its weights."""
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(name.removeprefix("hf:"))
 
 
 def build_model(spec: ModelSpec, task: str, num_labels: int, max_positions: int, dtype: torch.dtype) -> nn.Module:
     """The model of ``spec`` for ``task``, every dropout set to model.dropout (when set), in ``dtype``."""
     cfg = spec.cfg
-    if cfg.name == "mlp-bn":
-        tok = ByteTokenizer()
-        model = MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, num_labels, cfg.dropout or 0.0)
-    elif cfg.name in BUILTIN_TASKS:
-        model = _tiny(cfg, num_labels, max_positions)
+    if cfg.name in BUILTIN_TASKS:
+        tok = spec.tokenizer
+        model = _builtin(cfg, tok.pad_token_id, tok.vocab_size, num_labels, max_positions)
     else:
         model = _pretrained(spec, task, num_labels)
     if cfg.dropout is not None:
@@ -357,6 +308,8 @@ def build_model(spec: ModelSpec, task: str, num_labels: int, max_positions: int,
 
 
 def _pretrained(spec: ModelSpec, task: str, num_labels: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     cfg, config = spec.cfg, spec.hf_config
     if cfg.dropout is not None:
         _set_dropout(config, cfg.dropout)

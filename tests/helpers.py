@@ -65,7 +65,7 @@ def run_ok(tmp_path: Path, nproc: int, name: str, *overrides: str, **kwargs) -> 
 
 def run_here(tmp_path: Path, name: str, *overrides: str, config: str | Path = TINY_LM) -> Path:
     """A 1-process run into tmp_path/name, trained in this process (the launch of one process is nothing but its
-    imports, about 5 s of CPU); fails the test with its stderr unless it exits 0."""
+    imports, about 2 s of CPU); fails the test with its stderr unless it exits 0."""
     out = tmp_path / name
     code, stderr = train_in_process(f"run.output_dir={out}", *overrides, config=config)
     assert code == 0, f"{name} exited {code}\n{stderr[-6000:]}"

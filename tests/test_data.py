@@ -17,7 +17,7 @@ from launcher.data import build_datasets
 from launcher.data.build import carve, label_ids
 from launcher.data.store import HIT, MISS, OFF
 from launcher.models import ByteTokenizer, ModelSpec, build_model, model_spec
-from tests.helpers import FILLER, SPECIAL, TOPICS, save_tiny_pretrained_bert, write_jsonl
+from tests.helpers import FILLER, SPECIAL, TOPICS, save_tiny_pretrained_bert, save_tiny_pretrained_lm, write_jsonl
 
 
 def byte_spec(task: str | None = CLS) -> ModelSpec:
@@ -243,11 +243,15 @@ def test_a_jsonl_file_reads_its_text_column(tmp_path):
     assert texts(sets.train) == [f"line {i}" for i in range(5)]
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
-def test_dropout_sets_every_dropout(name):
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "mlp-bn", "hf:local"])
+def test_dropout_sets_every_dropout(tmp_path, name):
+    if name == "hf:local":
+        save_tiny_pretrained_lm(tmp_path / "lm")
+        name = f"hf:{tmp_path / 'lm'}"
     spec = model_spec(ModelConfig(name=name, dropout=0.3))
     model = build_model(spec, spec.task, 2, max_positions=16, dtype=torch.float32)
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.3 for p in dropouts)
-    probs = {k: v for k, v in vars(model.config).items() if isinstance(v, float) and "drop" in k}
-    assert probs and all(v == 0.3 for v in probs.values()), probs
+    if spec.hf_config is not None:  # and in the config a pretrained model saves
+        probs = {k: v for k, v in vars(model.config).items() if isinstance(v, float) and "drop" in k}
+        assert probs and all(v == 0.3 for v in probs.values()), probs

@@ -114,6 +114,9 @@ def test_fit_recovers_a_line_from_noisy_timings():
     assert fit.slope == pytest.approx(0.0015, rel=0.03)
     assert fit.intercept == pytest.approx(0.003, abs=0.001)
     assert fit.at(32) == pytest.approx(0.003 + 0.0015 * 32, rel=0.05)
+    # Overhead-bound timings that fall with the size are noise: the fit stays flat at their mean.
+    flat = fit_line([1.0, 4.0], [0.0030, 0.0028])
+    assert flat.slope == 0 and flat.intercept == pytest.approx(0.0029)
 
 
 def test_link_fit_recovers_bandwidth_and_latency_from_ring_times():
@@ -245,5 +248,6 @@ def test_a_validated_plan_measures_what_it_predicted(validated):
     measured = [c for c in result.candidates if c.measured_step_time_s]
     assert {c.mode for c in measured} == set(modes)
     p = result.profile
-    assert p.micro_step.slope > 0 and p.params_bytes > 0 and p.buckets_per_sync >= 1
+    assert p.micro_step.xs == [1.0, 4.0] and all(y > 0 for y in p.micro_step.ys) and p.micro_step.slope >= 0
+    assert p.params_bytes > 0 and p.buckets_per_sync >= 1
     assert "predicted / measured" in (validated / "plan.md").read_text()

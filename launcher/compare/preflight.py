@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
-from transformers import AutoModel
 
 from launcher.batchnorm import convert_sync_batchnorm, samples_per_statistic
 from launcher.builtin import BUILTIN_TASKS, SYNTHETIC_TASKS
@@ -60,6 +59,8 @@ def look_at_model(train: Config) -> ModelLook:
             task = BUILTIN_TASKS[train.model.name]
             model = build_model(model_spec(train.model), task, 2, train.data.seq_len, torch.float32)
         else:
+            from transformers import AutoModel  # an hf: model's classes only: the built-in ones need none
+
             model = AutoModel.from_config(pretrained_config(train.model.name))
     if train.model.sync_batchnorm and train.run.expected_world_size > 1:
         model = convert_sync_batchnorm(model, cuda=torch.cuda.is_available())

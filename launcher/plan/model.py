@@ -32,8 +32,8 @@ class Fit:
 
 
 def fit_line(xs: list[float], ys: list[float]) -> Fit:
-    """The least-squares line through the points; one point (or one distinct x) gives a line through the origin
-    scaled to it, which is the best a single measurement can say."""
+    """The least-squares line through the points, never falling; one point (or one distinct x) gives a line
+    through the origin scaled to it, which is the best a single measurement can say."""
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"a fit needs matching, non-empty points: {len(xs)} x, {len(ys)} y")
     n = len(xs)
@@ -42,6 +42,9 @@ def fit_line(xs: list[float], ys: list[float]) -> Fit:
     if var_x == 0:
         return Fit(0.0, mean_y / mean_x if mean_x else 0.0, list(xs), list(ys))
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var_x
+    # Time and bytes never fall as the size grows: a negative slope is noise (a tiny model's micro-step is
+    # mostly per-operation overhead), and the best non-decreasing line is flat at the mean.
+    slope = max(slope, 0.0)
     return Fit(mean_y - slope * mean_x, slope, list(xs), list(ys))
 
 
