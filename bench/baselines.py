@@ -59,9 +59,13 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
     model_cfg = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads)
     spec = model_spec(model_cfg)
     data = build_datasets(
-        DataConfig(num_samples=args.num_samples, seq_len=args.seq_len), EvalConfig(), model_cfg, spec, SEED
+        DataConfig(num_samples=args.num_samples, seq_len=args.seq_len, packing=True),
+        EvalConfig(),
+        model_cfg,
+        spec,
+        SEED,
     )
-    return build_model(spec, data.task, data.num_labels, args.seq_len, torch.float32), data.train
+    return build_model(spec, data.task, data.num_labels, data.positions(args.seq_len), torch.float32), data.train
 
 
 def plain(args: argparse.Namespace) -> list[float]:

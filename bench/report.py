@@ -49,7 +49,8 @@ def _overhead_text(section: dict, title: str) -> list[str]:
     parts = [
         title,
         "",
-        f"GPT-2 from config, hidden {shape['hidden_size']}, {shape['num_layers']} layers, seq_len {shape['seq_len']} "
+        f"GPT-2's architecture from config, hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
+        f"seq_len {shape['seq_len']} "
         f"(about {section['parameters'] / 1e6:.1f} M parameters in the blocks); {split['processes']} processes, "
         f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0; "
         f"{section['rounds']} rounds of {section['steps']} steps, the first {section['warmup_steps']} left out.",
@@ -276,7 +277,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "Every figure is a ratio of two candidates measured in the same run. Their launches alternate in rounds, the "
         "order rotated each round, so that the machine's drift (other work, clocks, caches) falls on both alike. Each "
         "rank is pinned to a core of its own, every candidate starts from the same weights and trains the same "
-        f"samples, and each run's first steps are left out (warm-up: {results['warmup_steps_excluded']} on the tiny "
+        "samples, packed into blocks of seq_len + 1 tokens so that every step does the same work (padded rows of "
+        "varying length made one run's steps differ by up to 40%, and a median of a few such steps is noise), "
+        f"and each run's first steps are left out (warm-up: {results['warmup_steps_excluded']} on the tiny "
         "model). A run's figure is the "
         "median of its step times; a ratio is the geometric mean of the ratios of adjacent runs, with a 95% "
         f"bootstrap interval over those pairs. An interval wider than {RESOLUTION:.0%} is printed as unresolved, not "

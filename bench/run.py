@@ -74,6 +74,7 @@ def launcher_overrides(out: Path, shape: Shape, split: Split, steps: int) -> lis
         f"model.num_heads={shape.num_heads}",
         f"data.seq_len={shape.seq_len}",
         f"data.num_samples={shape.num_samples}",
+        "data.packing=true",  # every sample seq_len tokens: every step the same work
         "batch.global_batch_size=null",
         f"batch.micro_batch_size={split.micro_batch_size}",
         f"batch.accum_steps={split.accum_steps}",
@@ -271,18 +272,18 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # Sized for 10 minutes on 2 cores: a launch costs about 7 s before its first step, so rounds are many
-        # and runs short; the realistic model's steps take seconds, so one warm-up step is enough there.
+        # Sized for 9 minutes on 2 cores (10 from a fresh clone): a launch costs about 4 s before its first
+        # step, so rounds are many and runs short; the realistic model's steps take seconds, so two warm-up steps are enough there.
         sections = [
             (
                 "overhead",
-                lambda: overhead(tmp, TINY, Split(2, 4, 4), 8 if quick else 30, 2 if quick else 4, UNTIMED, 3),
+                lambda: overhead(tmp, TINY, Split(2, 4, 4), 8 if quick else 30, 2 if quick else 5, UNTIMED, 3),
             ),
             (
                 "realistic",
-                lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 2 if quick else 3, 1 if quick else 3, TRAINER, 1),
+                lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 3 if quick else 5, 1 if quick else 5, TRAINER, 2),
             ),
-            ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 16, 2 if quick else 3)),
+            ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 30, 2 if quick else 4)),
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 20, 1 if quick else 2)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),

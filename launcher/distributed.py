@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -197,12 +197,22 @@ def backend_name() -> str:
     return dist.get_backend() if dist.is_initialized() else "none"
 
 
-def all_reduce_sum(accelerator: Accelerator, values: list[float]) -> list[float]:
-    """Sum a few scalars over all ranks in one collective (float64 keeps integer counts exact)."""
+def start_all_reduce_sum(accelerator: Accelerator, values: list[float]) -> Callable[[], list[float]]:
+    """Sum a few scalars over all ranks in one collective (float64 keeps integer counts exact), launched now;
+    the returned function waits for the sums. What the caller does in between hides the collective's latency."""
     tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if accelerator.num_processes > 1 else None
+
+    def result() -> list[float]:
+        if work is not None:
+            work.wait()
+        return tensor.tolist()
+
+    return result
+
+
+def all_reduce_sum(accelerator: Accelerator, values: list[float]) -> list[float]:
+    return start_all_reduce_sum(accelerator, values)()
 
 
 def gather_object(accelerator: Accelerator, value: object) -> list:

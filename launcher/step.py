@@ -12,11 +12,12 @@ Accelerate's own accumulation stays at 1 step, so it never divides the loss itse
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from launcher.distributed import all_reduce_sum
+from launcher.distributed import start_all_reduce_sum
 from launcher.loss import micro_step_scales, summed_loss
 from launcher.lr import lr_at
 from launcher.measure import COUNTER, Traffic, now_s, peak_memory_bytes, replicated, synchronize
@@ -30,16 +31,22 @@ class Agreement:
     """What every rank agrees on after a step, from one all-reduce of three numbers."""
 
     loss_sum: float  # the window's summed loss over every rank
-    nonfinite_ranks: int  # ranks whose loss or gradients are NaN/inf: the step is skipped on all
+    nonfinite_ranks: int  # ranks whose loss or gradients are NaN/inf
     stop_ranks: int  # ranks asked to stop (a signal): all stop after this step
 
 
-def agree(run: Run, local_loss: float, nonfinite: bool, stop: bool) -> Agreement:
-    """One collective carries the logged loss and both agreements, so every rank skips, or stops after, the
-    same step, and neither costs a collective of its own."""
+def start_agreement(run: Run, local_loss: float, nonfinite: bool, stop: bool) -> Callable[[], Agreement]:
+    """One collective carries the logged loss and both agreements, so every rank stops after the same step and
+    neither costs a collective of its own. It is launched before the optimizer step and read after it: on gloo a
+    blocking one cost 10 % of the tiny model's step (docs/benchmarks.md)."""
     with COUNTER.scalar():
-        loss_sum, bad, stopping = all_reduce_sum(run.accelerator, [local_loss, float(nonfinite), float(stop)])
-    return Agreement(loss_sum, int(bad), int(stopping))
+        sums = start_all_reduce_sum(run.accelerator, [local_loss, float(nonfinite), float(stop)])
+
+    def result() -> Agreement:
+        loss_sum, bad, stopping = sums()
+        return Agreement(loss_sum, int(bad), int(stopping))
+
+    return result
 
 
 def accumulate(run: Run, batches: list[dict[str, torch.Tensor]], scales: list[float], syncs: list[bool]) -> float:
@@ -82,15 +89,18 @@ def train_step(run: Run, step: int) -> tuple[StepRecord, bool]:
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     with run.clock.phase("optimizer"):
         grad_norm = float(replicated(acc.clip_grad_norm_(run.state.model.parameters(), max_norm)))
-    # Under fp16 an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
-    grads_bad = not math.isfinite(grad_norm) and acc.scaler is None
+    # The norm is of the all-reduced gradients, the same on every rank, so every rank skips the same steps without
+    # waiting for the agreement; a non-finite loss anywhere makes the gradients non-finite everywhere. Under fp16
+    # an inf gradient is the GradScaler's business: it skips that step and lowers the scale itself.
+    skipped = not math.isfinite(grad_norm) and acc.scaler is None
     with run.clock.phase("scalars"):
-        verdict = agree(run, local_loss, not math.isfinite(local_loss) or grads_bad, run.stop_requested())
-    skipped = verdict.nonfinite_ranks > 0
+        agreement = start_agreement(run, local_loss, not math.isfinite(local_loss) or skipped, run.stop_requested())
     with run.clock.phase("optimizer"):
         if not skipped:
             run.state.optimizer.step()
         run.state.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, not carried
+    with run.clock.phase("scalars"):
+        verdict = agreement()
     synchronize(acc.device)
     step_time_s = now_s() - started
     sent = COUNTER.since(traffic)

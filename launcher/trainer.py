@@ -59,8 +59,7 @@ def build(
     plan = plan.with_train_samples(len(data.train))
     if resume is not None:
         checkpoint.check_step(resume, plan.max_steps)
-    positions = cfg.data.seq_len + (1 if data.layout == "blocks" else 0)
-    model = build_model(spec, data.task, data.num_labels, positions, DTYPES[cfg.run.dtype])
+    model = build_model(spec, data.task, data.num_labels, data.positions(cfg.data.seq_len), DTYPES[cfg.run.dtype])
     batchnorm.check_micro_batch(cfg.model.name, plan.batch.micro_batch_size, model)  # hf: models too
     # DDP's default broadcast_buffers=True copies rank 0's buffers to every rank at the first forward after
     # each synced backward (once per optimizer step). With SyncBatchNorm every rank computes the same running

@@ -152,6 +152,13 @@ def test_packing_joins_documents_into_blocks(tmp_path):
     batch = sets.train.collate([0, 1], 2, 0)
     assert batch["input_ids"].shape == (2, 9) and bool(batch["attention_mask"].all())
     assert batch["input_ids"][0, -1] == batch["input_ids"][1, 0]  # blocks overlap by the one target
+    # The generated documents pack the same way (every step the same work: the benchmark's data).
+    rows = build(DataConfig(name="synthetic-lm", num_samples=40, seq_len=16), spec=byte_spec(LM)).train
+    packed = build(DataConfig(name="synthetic-lm", num_samples=40, seq_len=16, packing=True), spec=byte_spec(LM))
+    assert packed.layout == "blocks" and len(packed.train) == (len(rows.tokens) - 1) // 16
+    assert packed.train.collate([0, 1], 2, 0)["input_ids"].shape == (2, 17)
+    with pytest.raises(ConfigError, match="data.packing=true packs documents for a language model"):
+        build(DataConfig(name="synthetic-cls", packing=True))
 
 
 def write_bin(path, tokens) -> None:

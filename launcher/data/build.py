@@ -56,6 +56,10 @@ class Datasets:
     layout: str  # rows (padded per micro-batch) or blocks (seq_len + 1 tokens over a stream)
     info: dict  # summary.json's "data"
 
+    def positions(self, seq_len: int) -> int:
+        """The positions a model needs for these samples: a block holds seq_len + 1 tokens."""
+        return seq_len + (1 if self.layout == "blocks" else 0)
+
 
 def carve(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split rows 0..num_rows-1 into (train, eval): a seeded random share ``fraction`` (rounded) goes to eval.
@@ -340,13 +344,17 @@ def _synthetic(data: DataConfig, evaluation: EvalConfig, model: ModelConfig, spe
     if spec.tokenizer.vocab_size < 258:
         raise ConfigError(f"data.name={data.name!r} needs the built-in byte vocabulary (tiny-gpt2, tiny-bert, mlp-bn)")
     classes = model.num_labels or 2 if task == CLS else 0
+    if data.packing and task != LM:
+        raise ConfigError("data.packing=true packs documents for a language model; a classifier trains on rows")
     full = synthetic_lm(data, seed) if task == LM else synthetic_cls(data, seed, classes)
+    if data.packing:  # each document starts with its bos, which separates it from the one before
+        full = blocks_dataset(full.tokens, data.seq_len, spec.tokenizer.pad_token_id)
     built = [full]
     if evaluation.fraction:
         train_rows, held = carve(len(full), evaluation.fraction, seed)
         built = [full.subset(train_rows), full.subset(held[: evaluation.num_samples or None])]
     info = {"source_rows": len(full), "rows_used": len(built[0]), "truncated_rows": 0, "tokens": len(full.tokens)}
-    return _datasets(built, task, classes, "rows", OFF, None, info, evaluation)
+    return _datasets(built, task, classes, "blocks" if data.packing else "rows", OFF, None, info, evaluation)
 
 
 def _token_file(source: Source, data: DataConfig, evaluation: EvalConfig, spec: ModelSpec, seed: int) -> Datasets:
