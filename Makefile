@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default: accumulation, DDP and both side by side on 2 CPU processes,
-# judged for agreement and cost; report in runs/compare/report.md (about 2 minutes on 2 cores).
+# judged for agreement and cost; report in runs/compare/report.md (under a minute on 2 cores).
 run: compare
 
 # Any comparison: make compare COMPARE=configs/compare/bf16.yaml ARGS="overrides.run.seed=1"

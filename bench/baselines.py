@@ -12,6 +12,7 @@ only, the loss divided by K, DDP's built-in all-reduce. ``trainer`` is the Trans
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -163,6 +164,9 @@ def main() -> None:
     times = plain(args) if args.loop == "plain" else trainer(args)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).write_text(json.dumps({"step_time_s": times}))
+    # The DDP model, gone with plain()'s frame but held by reference cycles, owns the group: collected here,
+    # while the interpreter is alive (its gloo threads torn down at finalization abort the process).
+    gc.collect()
     if dist.is_initialized():  # gloo aborts a process that exits while its peer still holds the group
         dist.barrier()
         dist.destroy_process_group()

@@ -282,8 +282,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         f"and each run's first steps are left out (warm-up: {results['warmup_steps_excluded']} on the tiny "
         "model). A run's figure is the "
         "median of its step times; a ratio is the geometric mean of the ratios of adjacent runs, with a 95% "
-        f"bootstrap interval over those pairs. An interval wider than {RESOLUTION:.0%} is printed as unresolved, not "
-        "as a figure.",
+        "Student-t interval over those pairs (a bootstrap of 4 to 6 pairs is too narrow: bench/stats.py). An "
+        f"interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
         "",
         "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "
         "fwd, bwd, comm (the gradient communication the backward did not hide), scalars (the one per-step "

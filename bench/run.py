@@ -9,7 +9,7 @@ The method (docs/benchmarks.md says why): every figure is a ratio of two candida
 rounds (the order rotated each round), each run short and its first WARMUP_STEPS steps left out, each rank
 pinned to a core of its own, every candidate on the same initial weights and samples. A run's figure is the
 median of its step times as its main process measured them; a ratio is the geometric mean of the per-round
-ratios, with a 95% bootstrap interval, and an interval wider than 4% is reported as unresolved.
+ratios, with a 95% Student-t interval over them, and an interval wider than 4% is reported as unresolved.
 """
 
 from __future__ import annotations
@@ -273,17 +273,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # Sized for 9 minutes on 2 cores (10 from a fresh clone): a launch costs about 4 s before its first
-        # step, so rounds are many and runs short; the realistic model's steps take seconds, so two warm-up steps are enough there.
+        # step, so rounds are many and runs short; the realistic model's steps take seconds, so two warm-up
+        # steps are enough there.
         sections = [
             (
                 "overhead",
-                lambda: overhead(tmp, TINY, Split(2, 4, 4), 8 if quick else 30, 2 if quick else 5, UNTIMED, 3),
+                lambda: overhead(tmp, TINY, Split(2, 4, 4), 8 if quick else 30, 2 if quick else 4, UNTIMED, 3),
             ),
             (
                 "realistic",
                 lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 3 if quick else 5, 1 if quick else 5, TRAINER, 2),
             ),
-            ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 30, 2 if quick else 4)),
+            ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 30, 2 if quick else 3)),
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 20, 1 if quick else 2)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
