@@ -212,6 +212,7 @@ def start_all_reduce_sum(accelerator: Accelerator, values: list[float]) -> Calla
 
 
 def all_reduce_sum(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """``start_all_reduce_sum``, waited for at once."""
     return start_all_reduce_sum(accelerator, values)()
 
 

@@ -137,16 +137,16 @@ def _task_of(cfg: ModelConfig, architectures: list[str] | None) -> str | None:
     return None
 
 
-def _builtin(cfg: ModelConfig, pad_token_id: int, vocab_size: int, num_labels: int, positions: int) -> nn.Module:
+def _builtin(cfg: ModelConfig, tok: Tokenizer, num_labels: int, positions: int) -> nn.Module:
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}")
     dropout = cfg.dropout or 0.0  # the built-in models' own dropout is 0
     if cfg.name == "tiny-gpt2":
-        return TinyGPT2(vocab_size, positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads, dropout)
+        return TinyGPT2(tok.vocab_size, positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads, dropout)
     if cfg.name == "tiny-bert":
         shape = (positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads)
-        return TinyBert(vocab_size, pad_token_id, *shape, num_labels, dropout)
-    return MlpBatchNorm(vocab_size, cfg.hidden_size, cfg.num_layers, num_labels, dropout)
+        return TinyBert(tok.vocab_size, tok.pad_token_id, *shape, num_labels, dropout)
+    return MlpBatchNorm(tok.vocab_size, cfg.hidden_size, cfg.num_layers, num_labels, dropout)
 
 
 def first_line(err: BaseException) -> str:
@@ -298,8 +298,7 @@ def build_model(spec: ModelSpec, task: str, num_labels: int, max_positions: int,
     """The model of ``spec`` for ``task``, every dropout set to model.dropout (when set), in ``dtype``."""
     cfg = spec.cfg
     if cfg.name in BUILTIN_TASKS:
-        tok = spec.tokenizer
-        model = _builtin(cfg, tok.pad_token_id, tok.vocab_size, num_labels, max_positions)
+        model = _builtin(cfg, spec.tokenizer, num_labels, max_positions)
     else:
         model = _pretrained(spec, task, num_labels)
     if cfg.dropout is not None:

@@ -38,7 +38,7 @@ class Agreement:
 def start_agreement(run: Run, local_loss: float, nonfinite: bool, stop: bool) -> Callable[[], Agreement]:
     """One collective carries the logged loss and both agreements, so every rank stops after the same step and
     neither costs a collective of its own. It is launched before the optimizer step and read after it: on gloo a
-    blocking one cost 10 % of the tiny model's step (docs/benchmarks.md)."""
+    blocking one cost 10 % of the tiny model's step (README, Benchmarks)."""
     with COUNTER.scalar():
         sums = start_all_reduce_sum(run.accelerator, [local_loss, float(nonfinite), float(stop)])
 

@@ -71,8 +71,8 @@ def _init(model: nn.Module, layers: int, scale_projections: bool) -> None:
     GPT-2 also scales each residual projection by 1/sqrt(2 x layers)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.Embedding):
-            std = INIT_STD / math.sqrt(2 * layers) if scale_projections and name.endswith(("proj", "mlp.2")) else None
-            nn.init.normal_(module.weight, std=std or INIT_STD)
+            residual = scale_projections and name.endswith(("proj", "mlp.2"))
+            nn.init.normal_(module.weight, std=INIT_STD / math.sqrt(2 * layers) if residual else INIT_STD)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -124,9 +124,16 @@ class TinyBert(nn.Module):
     _no_split_modules = ["Block"]
 
     def __init__(
-        self, vocab_size: int, pad_token_id: int, positions: int, width: int, layers: int, heads: int, labels: int,
+        self,
+        vocab_size: int,
+        pad_token_id: int,
+        positions: int,
+        width: int,
+        layers: int,
+        heads: int,
+        labels: int,
         dropout: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
         self.positions = nn.Embedding(positions, width)
