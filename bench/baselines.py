@@ -3,10 +3,12 @@ weights and the same samples in the same order as a launcher run with the same s
 
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py plain   --out plain.json ...
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py trainer --out trainer.json ...
+    accelerate launch --multi_gpu --num_processes 2 bench/baselines.py launcher+plain --out both.json ... key=value ...
 
 ``plain`` is a hand-written DDP loop the nanoGPT way: ``require_backward_grad_sync`` set on the last micro-step
 only, the loss divided by K, DDP's built-in all-reduce. ``trainer`` is the Transformers Trainer with
-``gradient_accumulation_steps``. Each writes its per-step wall times (seconds) as JSON on rank 0.
+``gradient_accumulation_steps``. ``launcher+plain`` and ``trainer+plain`` run that loop and ``plain`` in one
+process, a step of each in turn. Each writes its per-step wall times (seconds) as JSON on rank 0.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,13 +38,16 @@ from launcher.data.dataset import TokenDataset
 from launcher.distributed import pin_to_core
 from launcher.loss import IGNORE, summed_loss, targets
 from launcher.models import build_model, model_spec
+from launcher.run import Run
+from launcher.rundir import RunDir, StepRecord
 
 SEED = 0
+SYNC_POLICIES = ("no_sync", "every_step")
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("loop", choices=["plain", "trainer"])
+    p.add_argument("loop", choices=list(LOOPS))
     p.add_argument("--out", required=True)
     p.add_argument("--micro-batch-size", type=int, required=True)
     p.add_argument("--accum-steps", type=int, required=True)
@@ -51,7 +57,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=1024)
-    return p.parse_args()
+    p.add_argument("--toggle-breakdown", action="store_true", help="launcher+plain: the breakdown on/off")
+    p.add_argument("overrides", nargs="*", help="the launcher's overrides (launcher+plain, no_sync+every_step)")
+    return p.parse_intermixed_args()
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
@@ -69,23 +77,25 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
     return build_model(spec, data.task, data.num_labels, data.positions(args.seq_len), torch.float32), data.train
 
 
-def plain(args: argparse.Namespace) -> list[float]:
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    model, data = build(args)
-    model = torch.nn.parallel.DistributedDataParallel(model.to(device))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    plan = BatchPlan(world, args.micro_batch_size, args.accum_steps)
-    order = SampleOrder(len(data), plan.global_batch_size, SEED)
-    times = []
-    for step in range(args.steps):
+class PlainLoop:
+    """The hand-written DDP loop, one optimizer step per ``step()`` call, on the default process group."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        model, self.data = build(args)
+        self.model = torch.nn.parallel.DistributedDataParallel(model.to(device))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.plan = BatchPlan(world, args.micro_batch_size, args.accum_steps)
+        self.order = SampleOrder(len(self.data), self.plan.global_batch_size, SEED)
+
+    def step(self, step: int) -> float:
+        """Train optimizer step ``step`` (0-based); returns its wall time (s)."""
         start = time.perf_counter()
-        window = order.window(step)
+        window, plan, model = self.order.window(step), self.plan, self.model
         for m in range(plan.accum_steps):
-            batch = data.collate(micro_batch_ids(window, plan, rank, m), plan.micro_batch_size, window[0])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = self.data.collate(micro_batch_ids(window, plan, self.rank, m), plan.micro_batch_size, window[0])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             model.require_backward_grad_sync = m == plan.accum_steps - 1  # all-reduce on the last only
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(
@@ -93,15 +103,109 @@ def plain(args: argparse.Namespace) -> list[float]:
             )
             (loss / plan.accum_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
 
-def trainer(args: argparse.Namespace) -> list[float]:
+def plain(args: argparse.Namespace) -> dict[str, list[float]]:
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    loop = PlainLoop(args, device)
+    return {"step_time_s": [loop.step(step) for step in range(args.steps)]}
+
+
+class Alternation:
+    """Called after each step of a host loop (the launcher, the Trainer): times the host's step from the end of
+    the last call, then, with ``with_plain``, runs the plain loop's step of the same number, timed apart. Both
+    loops train their own copy of the same model on the same samples, a step of each in turn, so whatever makes
+    one launch or one second faster than another falls on both."""
+
+    def __init__(self, args: argparse.Namespace, with_plain: bool) -> None:
+        self.args, self.with_plain = args, with_plain
+        self.times: dict[str, list[float]] = {"host_step_s": [], "plain_step_s": []}
+        self._loop: PlainLoop | None = None
+        self._mark = math.nan  # when the last call returned: the host's next step starts there
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
+
+    def __call__(self, step: int, device: torch.device) -> None:
+        """After the host's step ``step`` (1-based) on ``device``."""
+        self.times["host_step_s"].append(time.perf_counter() - self._mark)
+        if self.with_plain:
+            if self._loop is None:  # built once the host's process group exists
+                self._loop = PlainLoop(self.args, device)
+            self.times["plain_step_s"].append(self._loop.step(step - 1))
+            if step == self.args.steps:
+                self._loop = None  # its DDP model holds the group: released before the host tears it down
+                gc.collect()
+        self.start()
+
+
+def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
+    """The launcher (train.py's train() on the overrides) alternating with the plain loop. Its first step has
+    no start mark (NaN). With ``--toggle-breakdown`` its time breakdown is on every other step only."""
+    from launcher.config import load_config
+    from launcher.measure import COUNTER
+    from launcher.train import train
+
+    COUNTER.install()
+    alternation, timed = Alternation(args, with_plain=True), []
+
+    def after_step(run: Run, record: StepRecord) -> None:
+        timed.append(record.time_breakdown is not None)
+        if args.toggle_breakdown:
+            run.clock.enabled = not run.clock.enabled
+        alternation(record.step, run.accelerator.device)
+
+    train(load_config(None, args.overrides), after_step)
+    return {**alternation.times, "host_timed": timed}
+
+
+def sync_policies(args: argparse.Namespace) -> dict[str, list]:
+    """Two launcher runs in one process on their own copies of the model, ``batch.sync=no_sync`` and
+    ``every_step``, a step of each in turn through the launcher's own ``train_step``: what no_sync saves. At
+    K=1 both do the same work, the method's own check."""
+    from launcher import trainer
+    from launcher.config import load_config
+    from launcher.distributed import init_accelerator, join_launch, launched_world_size, shutdown
+    from launcher.measure import COUNTER
+    from launcher.runplan import make_plan
+    from launcher.step import train_step
+
+    COUNTER.install()
+    cfgs = {
+        sync: load_config(None, [*args.overrides, f"batch.sync={sync}", f"run.output_dir={args.out}.{sync}"])
+        for sync in SYNC_POLICIES
+    }
+    accelerator = init_accelerator(cfgs["no_sync"], [], join_launch(cfgs["no_sync"].run.dist_timeout_s))
+    runs = {
+        sync: trainer.build(
+            cfg, make_plan(cfg, launched_world_size()), accelerator, RunDir(cfg.run.output_dir), None, bool
+        )[0]
+        for sync, cfg in cfgs.items()
+    }
+    fields = ("step_s", "allreduce_bytes", "time_breakdown")
+    out: dict[str, list] = {f"{sync}_{field}": [] for sync in runs for field in fields}
+    for step in range(args.steps):
+        for sync in SYNC_POLICIES if step % 2 == 0 else SYNC_POLICIES[::-1]:  # each goes first every other step
+            record, _ = train_step(runs[sync], step)
+            out[f"{sync}_step_s"].append(record.step_time_s)
+            out[f"{sync}_allreduce_bytes"].append(record.allreduce_bytes)
+            out[f"{sync}_time_breakdown"].append(record.time_breakdown)
+    for run in runs.values():
+        run.feeder.close()
+    runs.clear()  # the DDP models hold the group: released before it is torn down
+    shutdown(accelerator)
+    return out
+
+
+def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, list[float]]:
+    """The Transformers Trainer on the same model and samples, alone or alternating with the plain loop."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, data = build(args)
@@ -111,14 +215,14 @@ def trainer(args: argparse.Namespace) -> list[float]:
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         return data.collate([item["id"] for item in items], len(items), items[0]["id"])
 
-    ends: list[float] = []
+    alternation = Alternation(args, with_plain)
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *a, **k):  # noqa: ANN002, ANN003
-            ends.append(time.perf_counter())
+            alternation.start()
 
-        def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
-            ends.append(time.perf_counter())
+        def on_step_end(self, targs, state, control, **k):  # noqa: ANN001, ANN003
+            alternation(state.global_step, targs.device)
 
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(
@@ -155,15 +259,24 @@ def trainer(args: argparse.Namespace) -> list[float]:
         callbacks=[StepClock()],
         compute_loss_func=loss,
     ).train()
-    return [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return alternation.times if with_plain else {"step_time_s": alternation.times["host_step_s"]}
+
+
+LOOPS = {
+    "plain": plain,
+    "trainer": trainer,
+    "launcher+plain": launcher_plain,
+    "trainer+plain": lambda args: trainer(args, with_plain=True),
+    "no_sync+every_step": sync_policies,
+}
 
 
 def main() -> None:
     pin_to_core()
     args = parse()
-    times = plain(args) if args.loop == "plain" else trainer(args)
+    times = LOOPS[args.loop](args)
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out).write_text(json.dumps({"step_time_s": times}))
+        Path(args.out).write_text(json.dumps(times))
     # The DDP model, gone with plain()'s frame but held by reference cycles, owns the group: collected here,
     # while the interpreter is alive (its gloo threads torn down at finalization abort the process).
     gc.collect()

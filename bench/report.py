@@ -35,12 +35,8 @@ def _phases(breakdown: dict[str, float] | None) -> str:
 
 
 def _overhead_table(section: dict) -> str:
-    figures = section["median_step_s"]
     ratios = {r["of"]: r["text"] for r in section["ratios"] if r["to"] == "plain"}
-    rows = [
-        [name, _median_ms(runs), ratios.get(name, "1 (the base)" if name == "plain" else "-")]
-        for name, runs in figures.items()
-    ]
+    rows = [[name, _ms(median), ratios.get(name, "1 (the base)")] for name, median in section["median_step_s"].items()]
     return _table(["loop", "median step (ms)", "ratio to plain [95% interval]"], rows)
 
 
@@ -52,8 +48,9 @@ def _overhead_text(section: dict, title: str) -> list[str]:
         f"GPT-2's architecture from config, hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
         f"seq_len {shape['seq_len']} "
         f"(about {section['parameters'] / 1e6:.1f} M parameters in the blocks); {split['processes']} processes, "
-        f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0; "
-        f"{section['rounds']} rounds of {section['steps']} steps, the first {section['warmup_steps']} left out.",
+        f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0. Two launches, the "
+        f"first {section['warmup_steps']} steps of each left out: {section['steps'][0]} steps of the launcher "
+        f"alternating with the plain loop, then {section['steps'][1]} of the Trainer alternating with it.",
         "",
         _overhead_table(section),
         "",
@@ -63,7 +60,8 @@ def _overhead_text(section: dict, title: str) -> list[str]:
     if untimed:
         parts += [
             "",
-            f"The time breakdown's own cost (launcher / launcher, `run.time_breakdown=none`): {untimed[0]['text']}.",
+            "The time breakdown's own cost (the launcher's steps with it against the next step without it, "
+            f"`run.time_breakdown=none`): {untimed[0]['text']}.",
         ]
     return parts
 
@@ -131,8 +129,11 @@ def _no_sync_part(results: dict[str, Any]) -> list[str]:
     return [
         "## What no_sync saves",
         "",
-        "The tiny model, 2 processes, micro batch 2. At K=1 both policies do exactly the same work, so their ratio "
-        "must be 1 within its interval: the check that the method does not invent differences.",
+        "The tiny model, 2 processes, micro batch 2: per K one launch of two launcher runs (their own copies of the "
+        "model), `batch.sync=no_sync` and `every_step`, a step of each in turn through the launcher's own step "
+        f"({', '.join(str(r['steps']) + ' steps at K=' + str(r['accum_steps']) for r in results['no_sync'])}). At "
+        "K=1 both policies do exactly the same work, so their ratio must be 1 within its interval: the check that "
+        "the method does not invent differences.",
         "",
         _table(
             [
@@ -274,16 +275,27 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "",
         "## Method",
         "",
-        "Every figure is a ratio of two candidates measured in the same run. Their launches alternate in rounds, the "
-        "order rotated each round, so that the machine's drift (other work, clocks, caches) falls on both alike. Each "
-        "rank is pinned to a core of its own, every candidate starts from the same weights and trains the same "
-        "samples, packed into blocks of seq_len + 1 tokens so that every step does the same work (padded rows of "
-        "varying length made one run's steps differ by up to 40%, and a median of a few such steps is noise), "
-        f"and each run's first steps are left out (warm-up: {results['warmup_steps_excluded']} on the tiny "
-        "model). A run's figure is the "
-        "median of its step times; a ratio is the geometric mean of the ratios of adjacent runs, with a 95% "
-        "Student-t interval over those pairs (a bootstrap of 4 to 6 pairs is too narrow: bench/stats.py). An "
-        f"interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
+        "Every figure is a ratio of two candidates measured side by side, so that the machine's drift (other work, "
+        "clocks, the other rank's pace) falls on both alike. Each rank is pinned to a core of its own, every "
+        "candidate starts from the same weights and trains the same samples, packed into blocks of seq_len + 1 "
+        "tokens so that every step does the same work (padded rows of varying length made one run's steps differ "
+        "by up to 40%), and each run's first steps are left out (warm-up).",
+        "",
+        "- **Step by step, in one process:** the loops against the plain loop, and the two sync policies. One "
+        "launch trains both candidates on their own copies of the model, a step of each in turn (the plain step "
+        "runs in the launcher's after-step hook or a Trainer callback; the two policies are two launcher runs "
+        "whose steps alternate, the order swapped every step). Whatever makes one launch faster than another "
+        "(the same program's median step differed by several percent between launches here) falls on both; "
+        "each pair of adjacent steps gives a ratio, and the figure is the Hodges-Lehmann estimate over their "
+        "logs with the Wilcoxon signed-rank 95% interval (bench/stats.py), which the odd slow step does not "
+        "widen.",
+        "- **Launches in rounds:** candidates that differ in their launch (the world size) alternate as whole "
+        "runs, the order rotated each round; a run's figure is the "
+        "median of its steps after the warm-up "
+        f"({results['warmup_steps_excluded']} steps), a ratio the geometric mean of the ratios of adjacent runs, "
+        "with a 95% Student-t interval over those few pairs.",
+        "",
+        f"An interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
         "",
         "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "
         "fwd, bwd, comm (the gradient communication the backward did not hide), scalars (the one per-step "

@@ -2,14 +2,16 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # about 10 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
-    python bench/run.py --quick    # a smoke run of every section (about 2 minutes)
+    python bench/run.py            # 7 to 9 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
+    python bench/run.py --quick    # a smoke run of every section (about 5 minutes)
 
-The method (docs/benchmarks.md says why): every figure is a ratio of two candidates whose runs alternate in
-rounds (the order rotated each round), each run short and its first WARMUP_STEPS steps left out, each rank
-pinned to a core of its own, every candidate on the same initial weights and samples. A run's figure is the
-median of its step times as its main process measured them; a ratio is the geometric mean of the per-round
-ratios, with a 95% Student-t interval over them, and an interval wider than 4% is reported as unresolved.
+The method (docs/benchmarks.md says why): every figure is a ratio of two candidates measured side by side, each
+rank pinned to a core of its own, every candidate on the same initial weights and samples, warm-up left out.
+A loop against the plain loop alternates with it step by step in one process (bench/baselines.py), and the
+ratio is the Hodges-Lehmann estimate over the adjacent step pairs; configurations that differ in their launch
+alternate as whole runs in rounds (the order rotated each round), a run's figure its median step, the ratio a
+geometric mean with a Student-t interval over the round pairs (bench/stats.py). An interval wider than 4% is
+reported as unresolved.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.launching import baseline_command, launch_once, train_command
-from bench.stats import Ratio, paired_ratio, run_statistic
+from bench.stats import Ratio, hodges_lehmann, paired_ratio, run_statistic
 from launcher.launch import REPO
 from launcher.rundir import RunDir, RunSummary
+from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
@@ -111,22 +115,15 @@ def launcher_candidate(name: str, shape: Shape, split: Split, steps: int, *extra
     return Candidate(name, run, summaries)
 
 
-def baseline_candidate(loop: str, shape: Shape, split: Split, steps: int) -> Candidate:
-    def run(tmp: Path, index: int) -> list[float]:
-        out = tmp / f"{loop}_{index}.json"
-        cmd = baseline_command(
-            split.processes,
-            loop,
-            f"--out={out}",
-            f"--micro-batch-size={split.micro_batch_size}",
-            f"--accum-steps={split.accum_steps}",
-            f"--steps={steps}",
-            *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(shape).items()],
-        )
-        launch_once(cmd, tmp, out.stem)
-        return json.loads(out.read_text())["step_time_s"]
-
-    return Candidate(loop, run, [])
+def baseline_args(out: Path, shape: Shape, split: Split, steps: int) -> list[str]:
+    """bench/baselines.py's options for a run of ``shape`` under ``split`` writing its step times to ``out``."""
+    return [
+        f"--out={out}",
+        f"--micro-batch-size={split.micro_batch_size}",
+        f"--accum-steps={split.accum_steps}",
+        f"--steps={steps}",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(shape).items()],
+    ]
 
 
 def rounds(candidates: list[Candidate], count: int, tmp: Path, warmup: int = WARMUP_STEPS) -> dict[str, list[float]]:
@@ -139,9 +136,13 @@ def rounds(candidates: list[Candidate], count: int, tmp: Path, warmup: int = WAR
     return figures
 
 
+def entry(of: str, to: str, ratio: Ratio) -> dict:
+    return {"of": of, "to": to, **asdict(ratio), "resolved": ratio.resolved, "text": ratio.text()}
+
+
 def ratio_entry(figures: dict[str, list[float]], name: str, base: str) -> dict:
-    ratio: Ratio = paired_ratio(figures[name], figures[base])
-    return {"of": name, "to": base, **asdict(ratio), "resolved": ratio.resolved, "text": ratio.text()}
+    """``name`` over ``base`` from their runs in rounds."""
+    return entry(name, base, paired_ratio(figures[name], figures[base]))
 
 
 def breakdown(summaries: list[RunSummary]) -> dict[str, float] | None:
@@ -152,50 +153,83 @@ def breakdown(summaries: list[RunSummary]) -> dict[str, float] | None:
     return {k: sorted(b[k] for b in found)[len(found) // 2] for k in found[0]}
 
 
-def overhead(tmp: Path, shape: Shape, split: Split, steps: int, count: int, third: str, warmup: int) -> dict:
-    """The launcher against the plain loop and a third candidate: ``trainer`` (the Transformers Trainer) or
-    ``launcher_untimed`` (the launcher without its time breakdown: what the breakdown costs)."""
-    launcher = launcher_candidate("launcher", shape, split, steps)
-    other = (
-        baseline_candidate("trainer", shape, split, steps)
-        if third == "trainer"
-        else launcher_candidate(third, shape, split, steps, "run.time_breakdown=none")
-    )
-    candidates = [baseline_candidate("plain", shape, split, steps), launcher, other]
-    figures = rounds(candidates, count, tmp, warmup)
-    ratios = [ratio_entry(figures, "launcher", "plain"), ratio_entry(figures, third, "plain")]
-    if third == "launcher_untimed":
-        ratios.append(ratio_entry(figures, "launcher", third))
+def alternating(tmp: Path, host: str, shape: Shape, split: Split, steps: int, toggle: bool = False) -> dict:
+    """One launch of ``host`` (launcher or trainer) and the plain loop, a step of each in turn (bench/baselines.py);
+    their step times, and the launcher's summary. ``toggle``: the launcher's breakdown on every other step."""
+    out = tmp / f"{host}_plain_{shape.hidden_size}"
+    extra = ["--toggle-breakdown"] if toggle else []
+    if host == "launcher":  # its last step would include writing the final checkpoint
+        extra += [*launcher_overrides(out, shape, split, steps), "run.final_checkpoint=false"]
+    args = baseline_args(out.with_suffix(".json"), shape, split, steps)
+    launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
+    times = json.loads(out.with_suffix(".json").read_text())
+    summary = RunDir(out).read_summary() if host == "launcher" else None
+    return {**times, "summary": summary}
+
+
+def step_ratio(of: str, to: str, numerators: list[float], denominators: list[float]) -> dict:
+    """``of`` over ``to`` from their steps, adjacent in one process."""
+    return entry(of, to, hodges_lehmann(numerators, denominators))
+
+
+def overhead(tmp: Path, shape: Shape, split: Split, steps: tuple[int, int], warmup: int, toggle: bool) -> dict:
+    """The launcher and the Trainer each against the plain loop, step by step in one process (``steps``: the
+    launcher's, the Trainer's); with ``toggle`` also what the launcher's time breakdown costs (its steps with it
+    against those without, adjacent)."""
+    launcher = alternating(tmp, "launcher", shape, split, steps[0], toggle)
+    trainer = alternating(tmp, "trainer", shape, split, steps[1])
+    kept = range(warmup, steps[1])
+    timed = [i for i in range(warmup, steps[0]) if launcher["host_timed"][i]]
+    ratios = [
+        step_ratio("launcher", "plain", *([launcher[k][i] for i in timed] for k in ("host_step_s", "plain_step_s"))),
+        step_ratio(TRAINER, "plain", *([trainer[k][i] for i in kept] for k in ("host_step_s", "plain_step_s"))),
+    ]
+    medians = {
+        "launcher": statistics.median(launcher["host_step_s"][i] for i in timed),
+        "plain (beside the launcher)": statistics.median(launcher["plain_step_s"][i] for i in timed),
+        TRAINER: statistics.median(trainer["host_step_s"][i] for i in kept),
+        "plain (beside the Trainer)": statistics.median(trainer["plain_step_s"][i] for i in kept),
+    }
+    if toggle:  # each timed step against the untimed one after it
+        after = [i for i in timed if i + 1 < steps[0]]
+        host = launcher["host_step_s"]
+        ratios.append(step_ratio("launcher", UNTIMED, [host[i] for i in after], [host[i + 1] for i in after]))
     return {
         "shape": asdict(shape),
         "parameters": shape.parameters,
         "split": asdict(split),
         "steps": steps,
-        "rounds": count,
         "warmup_steps": warmup,
-        "median_step_s": figures,
+        "median_step_s": medians,
         "ratios": ratios,
-        "launcher_breakdown": breakdown(launcher.summaries),
+        "launcher_breakdown": launcher["summary"].median_time_breakdown,
     }
 
 
-def no_sync(tmp: Path, accums: list[int], steps: int, count: int) -> list[dict]:
+def no_sync(tmp: Path, steps: dict[int, int], warmup: int = WARMUP_STEPS) -> list[dict]:
+    """For each K, one launch of two launcher runs, no_sync and every_step, a step of each in turn (the order
+    swapped every step); ``steps`` per K."""
     rows = []
-    for k in accums:
-        split = Split(2, 2, k)
-        pair = [
-            launcher_candidate(f"k{k}_{sync}", TINY, split, steps, f"batch.sync={sync}")
-            for sync in ("no_sync", "every_step")
-        ]
-        figures = rounds(pair, count, tmp)
-        sent = [c.summaries[0].totals.allreduce_bytes / c.summaries[0].steps for c in pair]
+    for k, count in steps.items():
+        split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
+        args = baseline_args(out.with_suffix(".json"), TINY, split, count)
+        overrides = [o for o in launcher_overrides(out, TINY, split, count) if not o.startswith("run.output_dir=")]
+        launch_once(baseline_command(split.processes, "no_sync+every_step", *args, *overrides), tmp, out.name)
+        got = json.loads(out.with_suffix(".json").read_text())
+        kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in ("no_sync", "every_step")}
         rows.append(
             {
                 "accum_steps": k,
-                "ratio": ratio_entry(figures, pair[0].name, pair[1].name),
-                "median_step_s": figures,
-                "allreduce_bytes_per_step": {"no_sync": sent[0], "every_step": sent[1]},
-                "breakdown": {c.name: breakdown(c.summaries) for c in pair},
+                "steps": count,
+                "ratio": step_ratio("no_sync", "every_step", kept["no_sync"], kept["every_step"]),
+                "median_step_s": {f"k{k}_{sync}": times for sync, times in kept.items()},
+                "allreduce_bytes_per_step": {
+                    sync: statistics.fmean(got[f"{sync}_allreduce_bytes"]) for sync in ("no_sync", "every_step")
+                },
+                "breakdown": {
+                    f"k{k}_{sync}": median_breakdown(got[f"{sync}_time_breakdown"])
+                    for sync in ("no_sync", "every_step")
+                },
             }
         )
     return rows
@@ -272,20 +306,15 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # Sized for 9 minutes on 2 cores (10 from a fresh clone): a launch costs about 4 s before its first
-        # step, so rounds are many and runs short; the realistic model's steps take seconds, so two warm-up
-        # steps are enough there.
+        # Sized for 7 to 9 minutes on 2 cores (this machine's speed varied by 40 % in one day): a launch costs
+        # 4-6 s before its first step, so rounds are few and runs short; alternating steps are cheap, so those
+        # sections take many. At the realistic size the launcher gets most of them: its ratio is the one that
+        # must resolve. Its steps take seconds, so two warm-up steps are enough there.
         sections = [
-            (
-                "overhead",
-                lambda: overhead(tmp, TINY, Split(2, 4, 4), 8 if quick else 30, 2 if quick else 4, UNTIMED, 3),
-            ),
-            (
-                "realistic",
-                lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), 3 if quick else 5, 1 if quick else 5, TRAINER, 2),
-            ),
-            ("no_sync", lambda: no_sync(tmp, [1, 8], 8 if quick else 30, 2 if quick else 3)),
-            ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 20, 1 if quick else 2)),
+            ("overhead", lambda: overhead(tmp, TINY, Split(2, 4, 4), (40, 40) if quick else (240, 160), 5, True)),
+            ("realistic", lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), (4, 4) if quick else (32, 8), 2, False)),
+            ("no_sync", lambda: no_sync(tmp, {1: 40, 8: 20} if quick else {1: 400, 8: 150})),
+            ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10, 1 if quick else 3)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
         ]

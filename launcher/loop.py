@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from launcher import batchnorm, checkpoint, faults
@@ -50,10 +51,15 @@ def _every(n: int, done: int) -> bool:
     return n > 0 and done % n == 0
 
 
-def run_loop(run: Run) -> Outcome:
+AfterStep = Callable[[Run, StepRecord], None]
+
+
+def run_loop(run: Run, after_step: AfterStep | None = None) -> Outcome:
     """Train from ``run.state.step`` to the planned steps (or a stop); checkpoints at step boundaries.
 
     The main process writes every result file; summary.json and the final weights only once the run finished.
+    ``after_step(run, record)``, if given, runs on every rank once each step is done and written (the benchmark
+    runs another loop's step there, so that the two alternate step by step in one process).
     """
     acc, cfg, state, max_steps = run.accelerator, run.cfg, run.state, run.plan.max_steps
     started = now_s()
@@ -99,6 +105,8 @@ def run_loop(run: Run) -> Outcome:
                 checkpoint.save_checkpoint(acc, state, run.strategy, run.folder, meta, cfg.run.keep_checkpoints)
             if stopped:
                 break
+            if after_step is not None:
+                after_step(run, record)
     finally:
         run.feeder.close()
         if main:

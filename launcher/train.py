@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from launcher import checkpoint, distributed, trainer
 from launcher.config import Config, UserError, dump_config, flatten, keys_help, load_config
-from launcher.loop import NonFiniteError, run_loop
+from launcher.loop import AfterStep, NonFiniteError, run_loop
 from launcher.measure import COUNTER
 from launcher.rundir import RestartRecord, RunDir
 from launcher.runplan import RunPlan, make_plan
@@ -160,9 +160,9 @@ def resume_point(cfg: Config, plan: RunPlan) -> checkpoint.CheckpointInfo | None
     return info
 
 
-def train(cfg: Config) -> bool:
+def train(cfg: Config, after_step: AfterStep | None = None) -> bool:
     """Train ``cfg`` under this process's launch; returns whether the run stopped early (a signal or
-    run.stop_at_step) after its checkpoint."""
+    run.stop_at_step) after its checkpoint. ``after_step``: run_loop's hook."""
     trackers = distributed.tracker_names(cfg.run.log_with)
     folder = RunDir(cfg.run.output_dir)
     distributed.preflight(cfg)  # the launch's interfaces, rank and rendezvous, before joining it
@@ -202,7 +202,7 @@ def train(cfg: Config) -> bool:
                 folder.tracker_run_id(continued),
             )
         STOP_SIGNALS.install()
-        outcome = run_loop(run)
+        outcome = run_loop(run, after_step)
         if outcome.stopped and accelerator.is_main_process:
             print(
                 f"stopped after step {outcome.step}; checkpoint {folder.checkpoint_path(outcome.step)}; "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from bench.stats import RESOLUTION, paired_ratio, run_statistic
+from bench.stats import RESOLUTION, hodges_lehmann, paired_ratio, run_statistic
 
 
 def test_drift_common_to_a_pair_cancels():
@@ -50,3 +51,36 @@ def test_a_run_figure_leaves_the_warmup_out():
     assert run_statistic([9.0, 9.0, 1.0, 2.0, 3.0], warmup_steps=2) == 2.0
     with pytest.raises(ValueError, match="warm-up"):
         run_statistic([1.0, 2.0], warmup_steps=2)
+
+
+def test_many_step_pairs_ignore_the_odd_slow_step():
+    # 30 steps about 3% slower; then a 40% stall hits one step of each side. The t interval widens past the
+    # resolution; the signed-rank one still holds what the clean steps said.
+    rng = random.Random(3)
+    base = [rng.uniform(50, 70) for _ in range(30)]
+    host = [x * 1.03 * rng.uniform(0.99, 1.01) for x in base]
+    clean = paired_ratio(host, base).estimate
+    host[4] *= 1.4
+    base[17] *= 1.4
+    ratio = hodges_lehmann(host, base)
+    assert ratio.low <= clean <= ratio.high and ratio.resolved
+    assert not paired_ratio(host, base).resolved
+
+
+def test_the_interval_is_the_signed_rank_tables():
+    # 10 pairs: the exact two-sided 5% critical value of the signed-rank statistic is 8, so the interval runs from
+    # the 9th smallest to the 9th largest of the 55 pairwise means; 20 pairs: 52, the 53rd of 210 from each end.
+    for n, excluded in ((10, 8), (20, 52)):
+        logs = [i / 100 for i in range(n)]
+        means = sorted((a + b) / 2 for i, a in enumerate(logs) for b in logs[i:])
+        ratio = hodges_lehmann([math.exp(x) for x in logs], [1.0] * n)
+        assert ratio.low == pytest.approx(math.exp(means[excluded]))
+        assert ratio.high == pytest.approx(math.exp(means[-1 - excluded]))
+        assert ratio.estimate == pytest.approx(math.exp((logs[0] + logs[-1]) / 2))
+
+
+def test_fewer_than_six_steps_give_no_interval():
+    ratio = hodges_lehmann([1.1] * 5, [1.0] * 5)
+    assert not ratio.resolved and ratio.text() == "unresolved (5 pairs: too few for an interval)"
+    with pytest.raises(ValueError, match="same number"):
+        hodges_lehmann([1.0], [])
