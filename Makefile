@@ -66,7 +66,7 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# Benchmarks (about 9 minutes on 2 cores): writes docs/benchmarks.{json,md} and docs/bench_*.png.
+# Benchmarks (7 to 10 minutes on 2 cores): writes docs/benchmarks.{json,md} and docs/bench_*.png.
 bench: $(VENV)/.bench
 	$(BIN)/python bench/run.py
 

@@ -2,7 +2,7 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # 7 to 9 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
+    python bench/run.py            # 7 to 10 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
     python bench/run.py --quick    # a smoke run of every section (about 5 minutes)
 
 The method (docs/benchmarks.md says why): every figure is a ratio of two candidates measured side by side, each
@@ -306,7 +306,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # Sized for 7 to 9 minutes on 2 cores (this machine's speed varied by 40 % in one day): a launch costs
+        # Sized for 7 to 10 minutes on 2 cores (this machine's speed varied by 40 % in one day): a launch costs
         # 4-6 s before its first step, so rounds are few and runs short; alternating steps are cheap, so those
         # sections take many. At the realistic size the launcher gets most of them: its ratio is the one that
         # must resolve. Its steps take seconds, so two warm-up steps are enough there.
