@@ -185,7 +185,7 @@ def sync_policies(args: argparse.Namespace) -> dict[str, list]:
     accelerator = init_accelerator(cfgs["no_sync"], [], join_launch(cfgs["no_sync"].run.dist_timeout_s))
     runs = {
         sync: trainer.build(
-            cfg, make_plan(cfg, launched_world_size()), accelerator, RunDir(cfg.run.output_dir), None, bool
+            cfg, make_plan(cfg, launched_world_size()), accelerator, RunDir(cfg.run.output_dir), None, lambda: False
         )[0]
         for sync, cfg in cfgs.items()
     }

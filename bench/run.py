@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.baselines import SYNC_POLICIES
 from bench.launching import baseline_command, launch_once, train_command
 from bench.stats import Ratio, hodges_lehmann, paired_ratio, run_statistic
 from launcher.launch import REPO
@@ -167,6 +168,11 @@ def alternating(tmp: Path, host: str, shape: Shape, split: Split, steps: int, to
     return {**times, "summary": summary}
 
 
+def picked(times: dict, steps: range | list[int]) -> tuple[list[float], list[float]]:
+    """The host's and the plain loop's times (s) of ``steps`` (0-based), from an alternating launch."""
+    return [times["host_step_s"][i] for i in steps], [times["plain_step_s"][i] for i in steps]
+
+
 def step_ratio(of: str, to: str, numerators: list[float], denominators: list[float]) -> dict:
     """``of`` over ``to`` from their steps, adjacent in one process."""
     return entry(of, to, hodges_lehmann(numerators, denominators))
@@ -178,17 +184,18 @@ def overhead(tmp: Path, shape: Shape, split: Split, steps: tuple[int, int], warm
     against those without, adjacent)."""
     launcher = alternating(tmp, "launcher", shape, split, steps[0], toggle)
     trainer = alternating(tmp, "trainer", shape, split, steps[1])
-    kept = range(warmup, steps[1])
     timed = [i for i in range(warmup, steps[0]) if launcher["host_timed"][i]]
+    launcher_s, beside_launcher_s = picked(launcher, timed)
+    trainer_s, beside_trainer_s = picked(trainer, range(warmup, steps[1]))
     ratios = [
-        step_ratio("launcher", "plain", *([launcher[k][i] for i in timed] for k in ("host_step_s", "plain_step_s"))),
-        step_ratio(TRAINER, "plain", *([trainer[k][i] for i in kept] for k in ("host_step_s", "plain_step_s"))),
+        step_ratio("launcher", "plain", launcher_s, beside_launcher_s),
+        step_ratio(TRAINER, "plain", trainer_s, beside_trainer_s),
     ]
     medians = {
-        "launcher": statistics.median(launcher["host_step_s"][i] for i in timed),
-        "plain (beside the launcher)": statistics.median(launcher["plain_step_s"][i] for i in timed),
-        TRAINER: statistics.median(trainer["host_step_s"][i] for i in kept),
-        "plain (beside the Trainer)": statistics.median(trainer["plain_step_s"][i] for i in kept),
+        "launcher": statistics.median(launcher_s),
+        "plain (beside the launcher)": statistics.median(beside_launcher_s),
+        TRAINER: statistics.median(trainer_s),
+        "plain (beside the Trainer)": statistics.median(beside_trainer_s),
     }
     if toggle:  # each timed step against the untimed one after it
         after = [i for i in timed if i + 1 < steps[0]]
@@ -213,10 +220,10 @@ def no_sync(tmp: Path, steps: dict[int, int], warmup: int = WARMUP_STEPS) -> lis
     for k, count in steps.items():
         split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
         args = baseline_args(out.with_suffix(".json"), TINY, split, count)
-        overrides = [o for o in launcher_overrides(out, TINY, split, count) if not o.startswith("run.output_dir=")]
+        overrides = launcher_overrides(out, TINY, split, count)  # each run's own output_dir is set after these
         launch_once(baseline_command(split.processes, "no_sync+every_step", *args, *overrides), tmp, out.name)
         got = json.loads(out.with_suffix(".json").read_text())
-        kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in ("no_sync", "every_step")}
+        kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in SYNC_POLICIES}
         rows.append(
             {
                 "accum_steps": k,
@@ -224,11 +231,10 @@ def no_sync(tmp: Path, steps: dict[int, int], warmup: int = WARMUP_STEPS) -> lis
                 "ratio": step_ratio("no_sync", "every_step", kept["no_sync"], kept["every_step"]),
                 "median_step_s": {f"k{k}_{sync}": times for sync, times in kept.items()},
                 "allreduce_bytes_per_step": {
-                    sync: statistics.fmean(got[f"{sync}_allreduce_bytes"]) for sync in ("no_sync", "every_step")
+                    sync: statistics.fmean(got[f"{sync}_allreduce_bytes"]) for sync in SYNC_POLICIES
                 },
                 "breakdown": {
-                    f"k{k}_{sync}": median_breakdown(got[f"{sync}_time_breakdown"])
-                    for sync in ("no_sync", "every_step")
+                    f"k{k}_{sync}": median_breakdown(got[f"{sync}_time_breakdown"]) for sync in SYNC_POLICIES
                 },
             }
         )
