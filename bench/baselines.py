@@ -51,7 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--micro-batch-size", type=int, required=True)
     p.add_argument("--accum-steps", type=int, required=True)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=12, help="the steps to run; with --budget-s, the most")
+    p.add_argument("--budget-s", type=float, help="alternations: stop at the first step past this many seconds")
+    p.add_argument("--min-steps", type=int, default=1, help="alternations: never stop for the budget before these")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=2)
@@ -118,32 +120,57 @@ def plain(args: argparse.Namespace) -> dict[str, list[float]]:
     return {"step_time_s": [loop.step(step) for step in range(args.steps)]}
 
 
+class Budget:
+    """An alternation's length: ``args.steps``, or fewer once ``args.budget_s`` seconds have passed (after at
+    least ``args.min_steps``), so that a section takes the same time on a slow machine as on a fast one, with
+    fewer pairs. Rank 0's clock decides and every rank hears it, so all stop at the same step."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.steps, self.seconds, self.min_steps = args.steps, args.budget_s, args.min_steps
+        self.began: float | None = None  # the first call: the steps' time, not the launch's start-up
+
+    def over(self, done: int, device: torch.device) -> bool:
+        """After ``done`` steps: stop now? (A broadcast when a budget is set: call it on every rank.)"""
+        if done >= self.steps:
+            return True
+        if self.began is None:
+            self.began = time.perf_counter()
+        if self.seconds is None or done < self.min_steps:
+            return False
+        spent = torch.tensor([float(time.perf_counter() - self.began >= self.seconds)], device=device)
+        dist.broadcast(spent, src=0)
+        return bool(spent.item())
+
+
 class Alternation:
     """Called after each step of a host loop (the launcher, the Trainer): times the host's step from the end of
     the last call, then, with ``with_plain``, runs the plain loop's step of the same number, timed apart. Both
     loops train their own copy of the same model on the same samples, a step of each in turn, so whatever makes
-    one launch or one second faster than another falls on both."""
+    one launch or one second faster than another falls on both. Returns whether the host should stop (Budget)."""
 
     def __init__(self, args: argparse.Namespace, with_plain: bool) -> None:
         self.args, self.with_plain = args, with_plain
         self.times: dict[str, list[float]] = {"host_step_s": [], "plain_step_s": []}
         self._loop: PlainLoop | None = None
         self._mark = math.nan  # when the last call returned: the host's next step starts there
+        self._budget = Budget(args)
 
     def start(self) -> None:
         self._mark = time.perf_counter()
 
-    def __call__(self, step: int, device: torch.device) -> None:
+    def __call__(self, step: int, device: torch.device) -> bool:
         """After the host's step ``step`` (1-based) on ``device``."""
         self.times["host_step_s"].append(time.perf_counter() - self._mark)
         if self.with_plain:
             if self._loop is None:  # built once the host's process group exists
                 self._loop = PlainLoop(self.args, device)
             self.times["plain_step_s"].append(self._loop.step(step - 1))
-            if step == self.args.steps:
-                self._loop = None  # its DDP model holds the group: released before the host tears it down
-                gc.collect()
+        over = self._budget.over(step, device)
+        if over:
+            self._loop = None  # its DDP model holds the group: released before the host tears it down
+            gc.collect()
         self.start()
+        return over
 
 
 def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
@@ -156,11 +183,11 @@ def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
     COUNTER.install()
     alternation, timed = Alternation(args, with_plain=True), []
 
-    def after_step(run: Run, record: StepRecord) -> None:
+    def after_step(run: Run, record: StepRecord) -> bool:
         timed.append(record.time_breakdown is not None)
         if args.toggle_breakdown:
             run.clock.enabled = not run.clock.enabled
-        alternation(record.step, run.accelerator.device)
+        return alternation(record.step, run.accelerator.device)
 
     train(load_config(None, args.overrides), after_step)
     return {**alternation.times, "host_timed": timed}
@@ -191,12 +218,14 @@ def sync_policies(args: argparse.Namespace) -> dict[str, list]:
     }
     fields = ("step_s", "allreduce_bytes", "time_breakdown")
     out: dict[str, list] = {f"{sync}_{field}": [] for sync in runs for field in fields}
-    for step in range(args.steps):
+    budget, step = Budget(args), 0
+    while not budget.over(step, accelerator.device):
         for sync in SYNC_POLICIES if step % 2 == 0 else SYNC_POLICIES[::-1]:  # each goes first every other step
             record, _ = train_step(runs[sync], step)
             out[f"{sync}_step_s"].append(record.step_time_s)
             out[f"{sync}_allreduce_bytes"].append(record.allreduce_bytes)
             out[f"{sync}_time_breakdown"].append(record.time_breakdown)
+        step += 1
     for run in runs.values():
         run.feeder.close()
     runs.clear()  # the DDP models hold the group: released before it is torn down
@@ -222,7 +251,7 @@ def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, lis
             alternation.start()
 
         def on_step_end(self, targs, state, control, **k):  # noqa: ANN001, ANN003
-            alternation(state.global_step, targs.device)
+            control.should_training_stop = alternation(state.global_step, targs.device)
 
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(

@@ -2,8 +2,8 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # 7 to 10 minutes on 2 CPU cores; writes docs/benchmarks.{json,md}
-    python bench/run.py --quick    # a smoke run of every section (about 5 minutes)
+    python bench/run.py            # 7.5 minutes on 2 CPU cores, on any day; writes docs/benchmarks.{json,md}
+    python bench/run.py --quick    # a smoke run of every section (about 4 minutes)
 
 The method (docs/benchmarks.md says why): every figure is a ratio of two candidates measured side by side, each
 rank pinned to a core of its own, every candidate on the same initial weights and samples, warm-up left out.
@@ -12,6 +12,9 @@ ratio is the Hodges-Lehmann estimate over the adjacent step pairs; configuration
 alternate as whole runs in rounds (the order rotated each round), a run's figure its median step, the ratio a
 geometric mean with a Student-t interval over the round pairs (bench/stats.py). An interval wider than 4% is
 reported as unresolved.
+
+The run keeps to its minutes: the sections of fixed size go first, then each alternating launch gets its share
+of what is left, so on a slower machine it takes as long, with fewer pairs and wider intervals.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ from launcher.rundir import RunDir, RunSummary
 from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
+MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
+MAX_STEPS = 5000  # an alternation's cap: its budget ends it long before
+STARTUP_S = 12.0  # what an alternating launch spends before its first step (start-up, build), 2 cores
+# The alternating launches' shares of the time left: the realistic launcher's ratio is the one that must resolve.
+SHARES = {
+    "tiny/launcher": 1.5,
+    "tiny/trainer": 1.0,
+    "realistic/launcher": 5.0,
+    "realistic/trainer": 1.5,
+    "no_sync/k1": 0.6,
+    "no_sync/k8": 1.0,
+}
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
 DOCS = REPO / "docs"
 
@@ -127,6 +142,33 @@ def baseline_args(out: Path, shape: Shape, split: Split, steps: int) -> list[str
     ]
 
 
+@dataclass(frozen=True)
+class Length:
+    """An alternating launch's length: ``seconds`` of steps after at least ``min_steps`` (bench/baselines.py
+    Budget), at most MAX_STEPS."""
+
+    seconds: float
+    min_steps: int
+
+    def args(self) -> list[str]:
+        return [f"--budget-s={self.seconds:.1f}", f"--min-steps={self.min_steps}"]
+
+
+class Allotment:
+    """The bench's minutes, shared among the alternating launches still to run, by SHARES, at the moment each
+    starts: whatever the sections before it took, the run ends on time."""
+
+    def __init__(self, total_s: float, min_pairs: int) -> None:
+        self.deadline, self.min_pairs, self.left = time.perf_counter() + total_s, min_pairs, dict(SHARES)
+
+    def length(self, launch: str, warmup: int, toggle: bool = False) -> Length:
+        """``toggle``: the breakdown on every other step, so twice the steps give the least pairs."""
+        share = self.left.pop(launch)
+        left_s = self.deadline - time.perf_counter() - STARTUP_S * (len(self.left) + 1)
+        least = 2 * self.min_pairs + 1 if toggle else self.min_pairs
+        return Length(max(left_s, 0.0) * share / (share + sum(self.left.values())), warmup + least)
+
+
 def rounds(candidates: list[Candidate], count: int, tmp: Path, warmup: int = WARMUP_STEPS) -> dict[str, list[float]]:
     """Each candidate once per round, the order rotated every round; each run's median step time (seconds)."""
     figures: dict[str, list[float]] = {c.name: [] for c in candidates}
@@ -154,14 +196,14 @@ def breakdown(summaries: list[RunSummary]) -> dict[str, float] | None:
     return {k: sorted(b[k] for b in found)[len(found) // 2] for k in found[0]}
 
 
-def alternating(tmp: Path, host: str, shape: Shape, split: Split, steps: int, toggle: bool = False) -> dict:
+def alternating(tmp: Path, host: str, shape: Shape, split: Split, length: Length, toggle: bool = False) -> dict:
     """One launch of ``host`` (launcher or trainer) and the plain loop, a step of each in turn (bench/baselines.py);
     their step times, and the launcher's summary. ``toggle``: the launcher's breakdown on every other step."""
     out = tmp / f"{host}_plain_{shape.hidden_size}"
-    extra = ["--toggle-breakdown"] if toggle else []
+    extra = ["--toggle-breakdown", *length.args()] if toggle else length.args()
     if host == "launcher":  # its last step would include writing the final checkpoint
-        extra += [*launcher_overrides(out, shape, split, steps), "run.final_checkpoint=false"]
-    args = baseline_args(out.with_suffix(".json"), shape, split, steps)
+        extra += [*launcher_overrides(out, shape, split, MAX_STEPS), "run.final_checkpoint=false"]
+    args = baseline_args(out.with_suffix(".json"), shape, split, MAX_STEPS)
     launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
     times = json.loads(out.with_suffix(".json").read_text())
     summary = RunDir(out).read_summary() if host == "launcher" else None
@@ -178,12 +220,13 @@ def step_ratio(of: str, to: str, numerators: list[float], denominators: list[flo
     return entry(of, to, hodges_lehmann(numerators, denominators))
 
 
-def overhead(tmp: Path, shape: Shape, split: Split, steps: tuple[int, int], warmup: int, toggle: bool) -> dict:
-    """The launcher and the Trainer each against the plain loop, step by step in one process (``steps``: the
-    launcher's, the Trainer's); with ``toggle`` also what the launcher's time breakdown costs (its steps with it
+def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment, warmup: int, toggle: bool) -> dict:
+    """The launcher and the Trainer each against the plain loop, step by step in one process (each launch as long
+    as ``allot`` gives it); with ``toggle`` also what the launcher's time breakdown costs (its steps with it
     against those without, adjacent)."""
-    launcher = alternating(tmp, "launcher", shape, split, steps[0], toggle)
-    trainer = alternating(tmp, "trainer", shape, split, steps[1])
+    launcher = alternating(tmp, "launcher", shape, split, allot.length(f"{size}/launcher", warmup, toggle), toggle)
+    trainer = alternating(tmp, "trainer", shape, split, allot.length(f"{size}/trainer", warmup))
+    steps = (len(launcher["host_step_s"]), len(trainer["host_step_s"]))
     timed = [i for i in range(warmup, steps[0]) if launcher["host_timed"][i]]
     launcher_s, beside_launcher_s = picked(launcher, timed)
     trainer_s, beside_trainer_s = picked(trainer, range(warmup, steps[1]))
@@ -213,16 +256,20 @@ def overhead(tmp: Path, shape: Shape, split: Split, steps: tuple[int, int], warm
     }
 
 
-def no_sync(tmp: Path, steps: dict[int, int], warmup: int = WARMUP_STEPS) -> list[dict]:
-    """For each K, one launch of two launcher runs, no_sync and every_step, a step of each in turn (the order
-    swapped every step); ``steps`` per K."""
+def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dict]:
+    """For K = 1 and 8, one launch of two launcher runs, no_sync and every_step, a step of each in turn (the order
+    swapped every step), as long as ``allot`` gives it."""
     rows = []
-    for k, count in steps.items():
+    for k in (1, 8):
         split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
-        args = baseline_args(out.with_suffix(".json"), TINY, split, count)
-        overrides = launcher_overrides(out, TINY, split, count)  # each run's own output_dir is set after these
+        args = [
+            *baseline_args(out.with_suffix(".json"), TINY, split, MAX_STEPS),
+            *allot.length(f"no_sync/k{k}", warmup).args(),
+        ]
+        overrides = launcher_overrides(out, TINY, split, MAX_STEPS)  # each run's own output_dir is set after these
         launch_once(baseline_command(split.processes, "no_sync+every_step", *args, *overrides), tmp, out.name)
         got = json.loads(out.with_suffix(".json").read_text())
+        count = len(got["no_sync_step_s"])
         kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in SYNC_POLICIES}
         rows.append(
             {
@@ -303,28 +350,31 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one or two rounds and fewer steps: a smoke run")
+    parser.add_argument("--minutes", type=float, help="the whole run's wall time (default 7.5; --quick: 4)")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks.json and benchmarks.md go")
     args = parser.parse_args()
     from bench.data_scale import data_at_scale
     from bench.report import write_report
 
     quick = args.quick
+    minutes = args.minutes or (4.0 if quick else 7.5)
     started = time.perf_counter()
+    allot = Allotment(minutes * 60, 2 if quick else MIN_PAIRS)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # Sized for 7 to 10 minutes on 2 cores (this machine's speed varied by 40 % in one day): a launch costs
-        # 4-6 s before its first step, so rounds are few and runs short; alternating steps are cheap, so those
-        # sections take many. At the realistic size the launcher gets most of them: its ratio is the one that
-        # must resolve. Its steps take seconds, so two warm-up steps are enough there.
+        # The sections of fixed size first (launch rounds, one-step memory runs, data: 2-3.5 minutes on 2 cores,
+        # as the machine goes), then the alternations in what is left. At the realistic size a step takes
+        # seconds, so two warm-up steps are enough there.
         sections = [
-            ("overhead", lambda: overhead(tmp, TINY, Split(2, 4, 4), (40, 40) if quick else (240, 160), 5, True)),
-            ("realistic", lambda: overhead(tmp, REALISTIC, Split(2, 1, 4), (4, 4) if quick else (32, 8), 2, False)),
-            ("no_sync", lambda: no_sync(tmp, {1: 40, 8: 20} if quick else {1: 400, 8: 150})),
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10, 1 if quick else 3)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
+            ("overhead", lambda: overhead(tmp, "tiny", TINY, Split(2, 4, 4), allot, 5, True)),
+            ("realistic", lambda: overhead(tmp, "realistic", REALISTIC, Split(2, 1, 4), allot, 2, False)),
+            ("no_sync", lambda: no_sync(tmp, allot)),
         ]
         results: dict = {"machine": machine(), "command": "python bench/run.py" + (" --quick" if quick else "")}
+        results["minutes"] = minutes
         results["warmup_steps_excluded"] = WARMUP_STEPS  # the realistic section's own is in its entry
         for name, section in sections:
             print(f"{name} ...", flush=True)

@@ -51,7 +51,8 @@ def _every(n: int, done: int) -> bool:
     return n > 0 and done % n == 0
 
 
-AfterStep = Callable[[Run, StepRecord], None]
+# Runs on every rank after each step; True ends the run there, summarized as finished (every rank must agree).
+AfterStep = Callable[[Run, StepRecord], bool]
 
 
 def run_loop(run: Run, after_step: AfterStep | None = None) -> Outcome:
@@ -59,7 +60,8 @@ def run_loop(run: Run, after_step: AfterStep | None = None) -> Outcome:
 
     The main process writes every result file; summary.json and the final weights only once the run finished.
     ``after_step(run, record)``, if given, runs on every rank once each step is done and written (the benchmark
-    runs another loop's step there, so that the two alternate step by step in one process).
+    runs another loop's step there, so that the two alternate step by step in one process); when it returns
+    True the run ends after that step as if it were the last (the benchmark's time budget).
     """
     acc, cfg, state, max_steps = run.accelerator, run.cfg, run.state, run.plan.max_steps
     started = now_s()
@@ -105,8 +107,8 @@ def run_loop(run: Run, after_step: AfterStep | None = None) -> Outcome:
                 checkpoint.save_checkpoint(acc, state, run.strategy, run.folder, meta, cfg.run.keep_checkpoints)
             if stopped:
                 break
-            if after_step is not None:
-                after_step(run, record)
+            if after_step is not None and after_step(run, record):
+                break
     finally:
         run.feeder.close()
         if main:
