@@ -297,9 +297,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "",
         f"An interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
         "",
-        f"The run keeps to its {results.get('minutes', 7.5):g} minutes: the sections of fixed size run first, then "
-        "each alternating launch takes its share of the time left, so a slower machine gives fewer pairs and "
-        "wider intervals, not a longer run.",
+        f"The run keeps within {results.get('minutes', 7.5):g} minutes: the sections of fixed size run first, then "
+        "each alternating launch runs to its step cap or its share of the time left, whichever comes first, so a "
+        "slower machine gives fewer pairs and wider intervals, not a longer run.",
         "",
         "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "
         "fwd, bwd, comm (the gradient communication the backward did not hide), scalars (the one per-step "

@@ -2,7 +2,7 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # 7.5 minutes on 2 CPU cores, on any day; writes docs/benchmarks.{json,md}
+    python bench/run.py            # 7.5 minutes at most on 2 CPU cores; writes docs/benchmarks.{json,md}
     python bench/run.py --quick    # a smoke run of every section (about 4 minutes)
 
 The method (docs/benchmarks.md says why): every figure is a ratio of two candidates measured side by side, each
@@ -13,8 +13,9 @@ alternate as whole runs in rounds (the order rotated each round), a run's figure
 geometric mean with a Student-t interval over the round pairs (bench/stats.py). An interval wider than 4% is
 reported as unresolved.
 
-The run keeps to its minutes: the sections of fixed size go first, then each alternating launch gets its share
-of what is left, so on a slower machine it takes as long, with fewer pairs and wider intervals.
+The run keeps within its minutes: the sections of fixed size go first, then each alternating launch runs to its
+step cap or its share of the time left, whichever comes first, so a slower machine gives fewer pairs and wider
+intervals, not a longer run.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
 MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
-MAX_STEPS = 5000  # an alternation's cap: its budget ends it long before
-STARTUP_S = 12.0  # what an alternating launch spends before its first step (start-up, build), 2 cores
+STARTUP_S = 15.0  # what an alternating launch spends before its first step (start-up, build), 2 cores
 # The alternating launches' shares of the time left: the realistic launcher's ratio is the one that must resolve.
 SHARES = {
     "tiny/launcher": 1.5,
@@ -53,6 +53,16 @@ SHARES = {
     "no_sync/k1": 0.6,
     "no_sync/k8": 1.0,
 }
+# Their step caps: the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
+STEPS = {
+    "tiny/launcher": 240,
+    "tiny/trainer": 160,
+    "realistic/launcher": 32,
+    "realistic/trainer": 8,
+    "no_sync/k1": 400,
+    "no_sync/k8": 150,
+}
+QUICK_STEPS = {launch: max(steps // 8, 4) for launch, steps in STEPS.items()}
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
 DOCS = REPO / "docs"
 
@@ -144,11 +154,12 @@ def baseline_args(out: Path, shape: Shape, split: Split, steps: int) -> list[str
 
 @dataclass(frozen=True)
 class Length:
-    """An alternating launch's length: ``seconds`` of steps after at least ``min_steps`` (bench/baselines.py
-    Budget), at most MAX_STEPS."""
+    """An alternating launch's length (bench/baselines.py Budget): ``max_steps``, the pairs its ratio needs on
+    a machine of normal pace, or fewer once ``seconds`` have passed, but never fewer than ``min_steps``."""
 
     seconds: float
     min_steps: int
+    max_steps: int
 
     def args(self) -> list[str]:
         return [f"--budget-s={self.seconds:.1f}", f"--min-steps={self.min_steps}"]
@@ -156,17 +167,20 @@ class Length:
 
 class Allotment:
     """The bench's minutes, shared among the alternating launches still to run, by SHARES, at the moment each
-    starts: whatever the sections before it took, the run ends on time."""
+    starts: on a slow day the run still ends about on time, with fewer pairs; on a fast one the launches end
+    at their step caps (``steps``), sooner."""
 
-    def __init__(self, total_s: float, min_pairs: int) -> None:
-        self.deadline, self.min_pairs, self.left = time.perf_counter() + total_s, min_pairs, dict(SHARES)
+    def __init__(self, total_s: float, min_pairs: int, steps: dict[str, int]) -> None:
+        self.deadline, self.min_pairs, self.steps = time.perf_counter() + total_s, min_pairs, steps
+        self.left = dict(SHARES)
 
     def length(self, launch: str, warmup: int, toggle: bool = False) -> Length:
         """``toggle``: the breakdown on every other step, so twice the steps give the least pairs."""
         share = self.left.pop(launch)
         left_s = self.deadline - time.perf_counter() - STARTUP_S * (len(self.left) + 1)
         least = 2 * self.min_pairs + 1 if toggle else self.min_pairs
-        return Length(max(left_s, 0.0) * share / (share + sum(self.left.values())), warmup + least)
+        seconds = max(left_s, 0.0) * share / (share + sum(self.left.values()))
+        return Length(seconds, warmup + least, max(self.steps[launch], warmup + least))
 
 
 def rounds(candidates: list[Candidate], count: int, tmp: Path, warmup: int = WARMUP_STEPS) -> dict[str, list[float]]:
@@ -202,8 +216,8 @@ def alternating(tmp: Path, host: str, shape: Shape, split: Split, length: Length
     out = tmp / f"{host}_plain_{shape.hidden_size}"
     extra = ["--toggle-breakdown", *length.args()] if toggle else length.args()
     if host == "launcher":  # its last step would include writing the final checkpoint
-        extra += [*launcher_overrides(out, shape, split, MAX_STEPS), "run.final_checkpoint=false"]
-    args = baseline_args(out.with_suffix(".json"), shape, split, MAX_STEPS)
+        extra += [*launcher_overrides(out, shape, split, length.max_steps), "run.final_checkpoint=false"]
+    args = baseline_args(out.with_suffix(".json"), shape, split, length.max_steps)
     launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
     times = json.loads(out.with_suffix(".json").read_text())
     summary = RunDir(out).read_summary() if host == "launcher" else None
@@ -262,11 +276,9 @@ def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dic
     rows = []
     for k in (1, 8):
         split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
-        args = [
-            *baseline_args(out.with_suffix(".json"), TINY, split, MAX_STEPS),
-            *allot.length(f"no_sync/k{k}", warmup).args(),
-        ]
-        overrides = launcher_overrides(out, TINY, split, MAX_STEPS)  # each run's own output_dir is set after these
+        length = allot.length(f"no_sync/k{k}", warmup)
+        args = [*baseline_args(out.with_suffix(".json"), TINY, split, length.max_steps), *length.args()]
+        overrides = launcher_overrides(out, TINY, split, length.max_steps)  # each run's own output_dir follows
         launch_once(baseline_command(split.processes, "no_sync+every_step", *args, *overrides), tmp, out.name)
         got = json.loads(out.with_suffix(".json").read_text())
         count = len(got["no_sync_step_s"])
@@ -350,7 +362,7 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one or two rounds and fewer steps: a smoke run")
-    parser.add_argument("--minutes", type=float, help="the whole run's wall time (default 7.5; --quick: 4)")
+    parser.add_argument("--minutes", type=float, help="the most wall time the run takes (default 7.5; --quick: 4)")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks.json and benchmarks.md go")
     args = parser.parse_args()
     from bench.data_scale import data_at_scale
@@ -359,7 +371,7 @@ def main() -> None:
     quick = args.quick
     minutes = args.minutes or (4.0 if quick else 7.5)
     started = time.perf_counter()
-    allot = Allotment(minutes * 60, 2 if quick else MIN_PAIRS)
+    allot = Allotment(minutes * 60, 2 if quick else MIN_PAIRS, QUICK_STEPS if quick else STEPS)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # The sections of fixed size first (launch rounds, one-step memory runs, data: 2-3.5 minutes on 2 cores,
