@@ -374,16 +374,16 @@ def main() -> None:
     allot = Allotment(minutes * 60, 2 if quick else MIN_PAIRS, QUICK_STEPS if quick else STEPS)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # The sections of fixed size first (launch rounds, one-step memory runs, data: 2-3.5 minutes on 2 cores,
-        # as the machine goes), then the alternations in what is left. At the realistic size a step takes
-        # seconds, so two warm-up steps are enough there.
+        # The sections of fixed size first (launch rounds, one-step memory runs, data: 2-4 minutes on 2 cores,
+        # as the machine goes), then the alternations in what is left, the realistic one last: its launches'
+        # start-up (two 25 M models) is the least predictable. Its steps take seconds: two warm-up steps do.
         sections = [
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10, 1 if quick else 3)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
             ("overhead", lambda: overhead(tmp, "tiny", TINY, Split(2, 4, 4), allot, 5, True)),
-            ("realistic", lambda: overhead(tmp, "realistic", REALISTIC, Split(2, 1, 4), allot, 2, False)),
             ("no_sync", lambda: no_sync(tmp, allot)),
+            ("realistic", lambda: overhead(tmp, "realistic", REALISTIC, Split(2, 1, 4), allot, 2, False)),
         ]
         results: dict = {"machine": machine(), "command": "python bench/run.py" + (" --quick" if quick else "")}
         results["minutes"] = minutes
