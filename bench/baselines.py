@@ -122,8 +122,8 @@ def plain(args: argparse.Namespace) -> dict[str, list[float]]:
 
 class Budget:
     """An alternation's length: ``args.steps``, or fewer once ``args.budget_s`` seconds have passed (after at
-    least ``args.min_steps``), so that a section takes the same time on a slow machine as on a fast one, with
-    fewer pairs. Rank 0's clock decides and every rank hears it, so all stop at the same step."""
+    least ``args.min_steps``), so that a slow machine ends on time with fewer pairs instead of running long.
+    Rank 0's clock decides and every rank hears it, so all stop at the same step."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.steps, self.seconds, self.min_steps = args.steps, args.budget_s, args.min_steps

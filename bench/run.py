@@ -44,24 +44,18 @@ from launcher.timing import median_breakdown
 WARMUP_STEPS = 3
 MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
 STARTUP_S = 15.0  # what an alternating launch spends before its first step (start-up, build), 2 cores
-# The alternating launches' shares of the time left: the realistic launcher's ratio is the one that must resolve.
-SHARES = {
-    "tiny/launcher": 1.5,
-    "tiny/trainer": 1.0,
-    "realistic/launcher": 5.0,
-    "realistic/trainer": 1.5,
-    "no_sync/k1": 0.6,
-    "no_sync/k8": 1.0,
+# Each alternating launch: its share of the time left (the realistic launcher's ratio is the one that must
+# resolve) and its step cap, the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
+ALTERNATIONS = {
+    "tiny/launcher": (1.5, 240),
+    "tiny/trainer": (1.0, 160),
+    "realistic/launcher": (5.0, 32),
+    "realistic/trainer": (1.5, 8),
+    "no_sync/k1": (0.6, 400),
+    "no_sync/k8": (1.0, 150),
 }
-# Their step caps: the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
-STEPS = {
-    "tiny/launcher": 240,
-    "tiny/trainer": 160,
-    "realistic/launcher": 32,
-    "realistic/trainer": 8,
-    "no_sync/k1": 400,
-    "no_sync/k8": 150,
-}
+SHARES = {launch: share for launch, (share, _) in ALTERNATIONS.items()}
+STEPS = {launch: steps for launch, (_, steps) in ALTERNATIONS.items()}
 QUICK_STEPS = {launch: max(steps // 8, 4) for launch, steps in STEPS.items()}
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
 DOCS = REPO / "docs"
