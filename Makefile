@@ -66,7 +66,7 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# Benchmarks (7.5 minutes at most on 2 cores, plus setup): writes docs/benchmarks.{json,md} and docs/bench_*.png.
+# Benchmarks (7 minutes at most on 2 cores, plus setup): writes docs/benchmarks.{json,md} and docs/bench_*.png.
 bench: $(VENV)/.bench
 	$(BIN)/python bench/run.py
 

@@ -2,16 +2,14 @@
 Trainer at two sizes, the cost of its own time breakdown, what no_sync saves, accumulation against devices,
 memory against micro batch, and data at scale.
 
-    python bench/run.py            # 7.5 minutes at most on 2 CPU cores; writes docs/benchmarks.{json,md}
+    python bench/run.py            # 7 minutes at most on 2 CPU cores; writes docs/benchmarks.{json,md}
     python bench/run.py --quick    # a smoke run of every section (about 4 minutes)
 
 The method (docs/benchmarks.md says why): every figure is a ratio of two candidates measured side by side, each
 rank pinned to a core of its own, every candidate on the same initial weights and samples, warm-up left out.
 A loop against the plain loop alternates with it step by step in one process (bench/baselines.py), and the
-ratio is the Hodges-Lehmann estimate over the adjacent step pairs; configurations that differ in their launch
-alternate as whole runs in rounds (the order rotated each round), a run's figure its median step, the ratio a
-geometric mean with a Student-t interval over the round pairs (bench/stats.py). An interval wider than 4% is
-reported as unresolved.
+ratio is the Hodges-Lehmann estimate over the adjacent step pairs (bench/stats.py); layouts that differ in world
+size get a launch each and a median step, no ratio. An interval wider than 4% is reported as unresolved.
 
 The run keeps within its minutes: the sections of fixed size go first, then each alternating launch runs to its
 step cap or its share of the time left, whichever comes first, so a slower machine gives fewer pairs and wider
@@ -36,14 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import SYNC_POLICIES
 from bench.launching import baseline_command, launch_once, train_command
-from bench.stats import Ratio, hodges_lehmann, paired_ratio, run_statistic
+from bench.stats import Ratio, hodges_lehmann, run_statistic
 from launcher.launch import REPO
 from launcher.rundir import RunDir, RunSummary
 from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
 MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
-STARTUP_S = 15.0  # what an alternating launch spends before its first step (start-up, build), 2 cores
+# What an alternating launch spends beyond its budget (start-up, building the models, the first step pair and
+# the one that crosses the budget), by size, on 2 cores at a slow hour; Allotment raises them as it measures.
+STARTUP_S = {"tiny": 15.0, "no_sync": 15.0, "realistic": 40.0}
 # Each alternating launch: its share of the time left (the realistic launcher's ratio is the one that must
 # resolve) and its step cap, the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
 ALTERNATIONS = {
@@ -166,34 +166,29 @@ class Allotment:
 
     def __init__(self, total_s: float, min_pairs: int, steps: dict[str, int]) -> None:
         self.deadline, self.min_pairs, self.steps = time.perf_counter() + total_s, min_pairs, steps
-        self.left = dict(SHARES)
+        self.left, self.startup_s = dict(SHARES), dict(STARTUP_S)
 
     def length(self, launch: str, warmup: int, toggle: bool = False) -> Length:
         """``toggle``: the breakdown on every other step, so twice the steps give the least pairs."""
         share = self.left.pop(launch)
-        left_s = self.deadline - time.perf_counter() - STARTUP_S * (len(self.left) + 1)
+        reserve_s = sum(self.startup_s[name.split("/")[0]] for name in [launch, *self.left])
+        left_s = self.deadline - time.perf_counter() - reserve_s
         least = 2 * self.min_pairs + 1 if toggle else self.min_pairs
         seconds = max(left_s, 0.0) * share / (share + sum(self.left.values()))
         return Length(seconds, warmup + least, max(self.steps[launch], warmup + least))
 
-
-def rounds(candidates: list[Candidate], count: int, tmp: Path, warmup: int = WARMUP_STEPS) -> dict[str, list[float]]:
-    """Each candidate once per round, the order rotated every round; each run's median step time (seconds)."""
-    figures: dict[str, list[float]] = {c.name: [] for c in candidates}
-    for r in range(count):
-        for c in candidates[r % len(candidates) :] + candidates[: r % len(candidates)]:
-            figures[c.name].append(run_statistic(c.run(tmp, r), warmup))
-            print(f"  round {r + 1}/{count} {c.name}: {figures[c.name][-1] * 1000:.1f} ms", flush=True)
-    return figures
+    def run(self, launch: str, warmup: int, start: Callable[[Length], dict], toggle: bool = False) -> dict:
+        """``start`` the launch at its length; what it spent beyond its budget (its ``wall_s`` less the budget)
+        becomes the reserve for its size's launches still to come, where that is more than the reserve was."""
+        length = self.length(launch, warmup, toggle)
+        got = start(length)
+        size = launch.split("/")[0]
+        self.startup_s[size] = max(self.startup_s[size], got["wall_s"] - length.seconds)
+        return got
 
 
 def entry(of: str, to: str, ratio: Ratio) -> dict:
     return {"of": of, "to": to, **asdict(ratio), "resolved": ratio.resolved, "text": ratio.text()}
-
-
-def ratio_entry(figures: dict[str, list[float]], name: str, base: str) -> dict:
-    """``name`` over ``base`` from their runs in rounds."""
-    return entry(name, base, paired_ratio(figures[name], figures[base]))
 
 
 def breakdown(summaries: list[RunSummary]) -> dict[str, float] | None:
@@ -212,10 +207,10 @@ def alternating(tmp: Path, host: str, shape: Shape, split: Split, length: Length
     if host == "launcher":  # its last step would include writing the final checkpoint
         extra += [*launcher_overrides(out, shape, split, length.max_steps), "run.final_checkpoint=false"]
     args = baseline_args(out.with_suffix(".json"), shape, split, length.max_steps)
-    launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
+    wall_s = launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
     times = json.loads(out.with_suffix(".json").read_text())
     summary = RunDir(out).read_summary() if host == "launcher" else None
-    return {**times, "summary": summary}
+    return {**times, "summary": summary, "wall_s": wall_s}
 
 
 def picked(times: dict, steps: range | list[int]) -> tuple[list[float], list[float]]:
@@ -232,8 +227,10 @@ def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment,
     """The launcher and the Trainer each against the plain loop, step by step in one process (each launch as long
     as ``allot`` gives it); with ``toggle`` also what the launcher's time breakdown costs (its steps with it
     against those without, adjacent)."""
-    launcher = alternating(tmp, "launcher", shape, split, allot.length(f"{size}/launcher", warmup, toggle), toggle)
-    trainer = alternating(tmp, "trainer", shape, split, allot.length(f"{size}/trainer", warmup))
+    launcher = allot.run(
+        f"{size}/launcher", warmup, lambda n: alternating(tmp, "launcher", shape, split, n, toggle), toggle
+    )
+    trainer = allot.run(f"{size}/trainer", warmup, lambda n: alternating(tmp, "trainer", shape, split, n))
     steps = (len(launcher["host_step_s"]), len(trainer["host_step_s"]))
     timed = [i for i in range(warmup, steps[0]) if launcher["host_timed"][i]]
     launcher_s, beside_launcher_s = picked(launcher, timed)
@@ -267,14 +264,18 @@ def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment,
 def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dict]:
     """For K = 1 and 8, one launch of two launcher runs, no_sync and every_step, a step of each in turn (the order
     swapped every step), as long as ``allot`` gives it."""
+
+    def policies(split: Split, out: Path, length: Length) -> dict:
+        args = [*baseline_args(out.with_suffix(".json"), TINY, split, length.max_steps), *length.args()]
+        overrides = launcher_overrides(out, TINY, split, length.max_steps)  # each run's own output_dir follows
+        cmd = baseline_command(split.processes, "no_sync+every_step", *args, *overrides)
+        wall_s = launch_once(cmd, tmp, out.name)
+        return {**json.loads(out.with_suffix(".json").read_text()), "wall_s": wall_s}
+
     rows = []
     for k in (1, 8):
         split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
-        length = allot.length(f"no_sync/k{k}", warmup)
-        args = [*baseline_args(out.with_suffix(".json"), TINY, split, length.max_steps), *length.args()]
-        overrides = launcher_overrides(out, TINY, split, length.max_steps)  # each run's own output_dir follows
-        launch_once(baseline_command(split.processes, "no_sync+every_step", *args, *overrides), tmp, out.name)
-        got = json.loads(out.with_suffix(".json").read_text())
+        got = allot.run(f"no_sync/k{k}", warmup, lambda n, split=split, out=out: policies(split, out, n))
         count = len(got["no_sync_step_s"])
         kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in SYNC_POLICIES}
         rows.append(
@@ -294,14 +295,16 @@ def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dic
     return rows
 
 
-def accumulation_vs_devices(tmp: Path, steps: int, count: int) -> dict:
+def accumulation_vs_devices(tmp: Path, steps: int) -> dict:
+    """One launch per layout, its median step and phases. No ratio: the layouts differ in world size, so they
+    cannot share a launch, and separate launches differ by several percent here (three rounds of them, 82-99 s
+    of the run, left every ratio's interval 11-175% wide)."""
     layouts = {"1x_K8": Split(1, 4, 8), "2x_K4": Split(2, 4, 4), "2x_K1": Split(2, 16, 1)}
     candidates = [launcher_candidate(name, TINY, split, steps) for name, split in layouts.items()]
-    figures = rounds(candidates, count, tmp)
+    figures = {c.name: run_statistic(c.run(tmp, 0), WARMUP_STEPS) for c in candidates}
     return {
         "layouts": {name: asdict(split) for name, split in layouts.items()},
         "median_step_s": figures,
-        "ratios": [ratio_entry(figures, name, "2x_K4") for name in ("1x_K8", "2x_K1")],
         "breakdown": {c.name: breakdown(c.summaries) for c in candidates},
     }
 
@@ -355,24 +358,24 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one or two rounds and fewer steps: a smoke run")
-    parser.add_argument("--minutes", type=float, help="the most wall time the run takes (default 7.5; --quick: 4)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller data: a smoke run")
+    parser.add_argument("--minutes", type=float, help="the most wall time the run takes (default 7; --quick: 4)")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks.json and benchmarks.md go")
     args = parser.parse_args()
     from bench.data_scale import data_at_scale
     from bench.report import write_report
 
     quick = args.quick
-    minutes = args.minutes or (4.0 if quick else 7.5)
+    minutes = args.minutes or (4.0 if quick else 7.0)
     started = time.perf_counter()
     allot = Allotment(minutes * 60, 2 if quick else MIN_PAIRS, QUICK_STEPS if quick else STEPS)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # The sections of fixed size first (launch rounds, one-step memory runs, data: 2-4 minutes on 2 cores,
+        # The sections of fixed size first (a launch per layout, one-step memory runs, data: 2-3 minutes on 2 cores,
         # as the machine goes), then the alternations in what is left, the realistic one last: its launches'
         # start-up (two 25 M models) is the least predictable. Its steps take seconds: two warm-up steps do.
         sections = [
-            ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10, 1 if quick else 3)),
+            ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
             ("overhead", lambda: overhead(tmp, "tiny", TINY, Split(2, 4, 4), allot, 5, True)),

@@ -1,4 +1,5 @@
-"""The benchmark's statistics: pairing cancels drift, the interval covers the truth, and noise is not a figure."""
+"""The benchmark's statistics and its clock: pairing cancels drift, the interval covers the truth, noise is not a
+figure, and the time left is shared among the launches to come."""
 
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ def test_fewer_than_six_steps_give_no_interval():
     assert not ratio.resolved and ratio.text() == "unresolved (5 pairs: too few for an interval)"
     with pytest.raises(ValueError, match="same number"):
         hodges_lehmann([1.0], [])
+
+
+def test_the_time_left_is_shared_and_what_a_launch_overran_is_reserved():
+    from bench.run import SHARES, STARTUP_S, Allotment
+
+    total_s, share_sum = 600.0, sum(SHARES.values())
+    allot = Allotment(total_s, min_pairs=6, steps={launch: 100 for launch in SHARES})
+    first = allot.length("tiny/launcher", warmup=5, toggle=True)
+    reserve_s = sum(STARTUP_S[launch.split("/")[0]] for launch in SHARES)
+    assert first.seconds == pytest.approx((total_s - reserve_s) * SHARES["tiny/launcher"] / share_sum, abs=0.5)
+    assert (first.min_steps, first.max_steps) == (5 + 13, 100)  # toggled: 2 x 6 pairs + 1
+    # The Trainer's launch overran its budget by 50 s: launches of its size are now reserved that much.
+    allot.run("tiny/trainer", 5, lambda length: {"wall_s": length.seconds + 50.0})
+    assert allot.startup_s["tiny"] == pytest.approx(50.0) and allot.startup_s["realistic"] == STARTUP_S["realistic"]
+    # A launch that ended at its cap, well inside its budget, lowers no reserve.
+    allot.run("no_sync/k1", 3, lambda length: {"wall_s": 1.0})
+    assert allot.startup_s["no_sync"] == STARTUP_S["no_sync"]
