@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,10 @@ def _load_shards(info: CheckpointInfo, state: TrainState) -> None:
     needs, whatever world size wrote them."""
     model_state, optimizer_state = get_state_dict(state.model, state.optimizer)
     try:
-        dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(info.path / SHARDS))
+        with warnings.catch_warnings():
+            # A 1-process run has no process group and reads every shard, which is what torch warns it assumes.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(info.path / SHARDS))
     except (CheckpointException, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(info.path)!r} does not fit this model: {first_line(err)}") from None
     set_state_dict(state.model, state.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
