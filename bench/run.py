@@ -34,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import SYNC_POLICIES
 from bench.launching import baseline_command, launch_once, train_command
-from bench.stats import Ratio, hodges_lehmann, run_statistic
+from bench.stats import MIN_PAIRS, Ratio, hodges_lehmann, run_statistic
 from launcher.launch import REPO
 from launcher.rundir import RunDir, RunSummary
 from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
-MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
 # What an alternating launch spends beyond its budget (start-up, building the models, the first step pair and
 # the one that crosses the budget), by size, on 2 cores at a slow hour; Allotment raises them as it measures.
 STARTUP_S = {"tiny": 15.0, "no_sync": 15.0, "realistic": 40.0}

@@ -1,18 +1,15 @@
-"""The benchmark's statistics: a ratio of two candidates from runs or steps made in adjacent pairs, with a 95%
-interval.
+"""The benchmark's statistics: a ratio of two candidates from steps made in adjacent pairs, with a 95% interval.
 
 On a shared machine the speed drifts over minutes (other work, clocks, caches), so two candidates are never
-compared through their separate averages. Their runs (or, in one process, their steps) alternate, and each
-adjacent pair gives one ratio, which the drift common to both mostly cancels.
+compared through their separate averages. Their steps alternate in one process, and each adjacent pair gives one
+ratio, which the drift common to both mostly cancels. Whole launches in pairs were tried first and dropped: the
+4 to 6 pairs a 10-minute benchmark holds gave t intervals 3-28% wide (bootstrap ones, too narrow, disagreed
+between two runs).
 
-- A few launch pairs (``paired_ratio``): the geometric mean of the pair ratios, with Student's t over their logs.
-  With the 4 to 6 pairs a 10-minute benchmark holds, a bootstrap of the pairs cannot reach past their range and
-  is too narrow: two runs of the same benchmark gave bootstrap intervals of [0.979, 0.998] and [1.008, 1.053]
-  for one ratio, and t intervals that overlap.
-- Many step pairs (``hodges_lehmann``): the Hodges-Lehmann estimate with its signed-rank interval. A step now
-  and then is 10-20 % slow (the host, a collection), and one such pair in twenty widened a t interval from 2.7 %
-  to 4.4 %; the signed-rank interval does not lean on the tails, and over 100 pairs and more it was 20-25 %
-  narrower than the plain median's (the sign test's).
+The figure (``hodges_lehmann``) is the Hodges-Lehmann estimate with its signed-rank interval. A step now and then
+is 10-20 % slow (the host, a collection), and one such pair in twenty widened a t interval from 2.7 % to 4.4 %;
+the signed-rank interval does not lean on the tails, and over 100 pairs and more it was 20-25 % narrower than the
+plain median's (the sign test's).
 
 An interval wider than RESOLUTION is reported as unresolved, not as a figure.
 """
@@ -24,17 +21,12 @@ import statistics
 from dataclasses import dataclass
 
 RESOLUTION = 0.04  # the widest interval (hi - lo, as a ratio) that still counts as a measurement
-MIN_PAIRS = 3  # fewer pairs give no interval worth the name
-# Student's t, two-sided 95%, for 1 to 30 degrees of freedom (beyond: within 0.1% of 1.96 + 2.4 / df).
-T_975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
+MIN_PAIRS = 6  # the fewest adjacent pairs with a 95% signed-rank interval
 
 
 @dataclass(frozen=True)
 class Ratio:
-    estimate: float  # geometric mean of the pair ratios
+    estimate: float  # the Hodges-Lehmann estimate of the pair ratios
     low: float  # 95% interval
     high: float
     pairs: list[float]
@@ -50,23 +42,6 @@ class Ratio:
         if not self.resolved:
             return f"unresolved ({self.low:.3f}-{self.high:.3f}, {len(self.pairs)} pairs)"
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-
-def t_975(df: int) -> float:
-    return T_975[df - 1] if df <= len(T_975) else 1.96 + 2.4 / df
-
-
-def paired_ratio(numerators: list[float], denominators: list[float]) -> Ratio:
-    """The ratio numerator/denominator from runs made in pairs (the i-th of each list adjacent in time)."""
-    if len(numerators) != len(denominators) or not numerators:
-        raise ValueError("paired_ratio needs the same number (at least one) of runs on each side")
-    pairs = [a / b for a, b in zip(numerators, denominators, strict=True)]
-    logs = [math.log(p) for p in pairs]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return Ratio(math.exp(mean), 0.0, math.inf, pairs)
-    half = t_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), pairs)
 
 
 def hodges_lehmann(numerators: list[float], denominators: list[float]) -> Ratio:
