@@ -295,7 +295,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "",
         f"An interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
         "",
-        f"The run keeps within {results.get('minutes', 7.0):g} minutes: the sections of fixed size run first, then "
+        f"The run keeps within {results['minutes']:g} minutes: the sections of fixed size run first, then "
         "each alternating launch runs to its step cap or its share of the time left, whichever comes first, so a "
         "slower machine gives fewer pairs and wider intervals, not a longer run.",
         "",

@@ -36,7 +36,7 @@ from bench.baselines import SYNC_POLICIES
 from bench.launching import baseline_command, launch_once, train_command
 from bench.stats import MIN_PAIRS, Ratio, hodges_lehmann, run_statistic
 from launcher.launch import REPO
-from launcher.rundir import RunDir, RunSummary
+from launcher.rundir import RunDir
 from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
@@ -110,28 +110,11 @@ def launcher_overrides(out: Path, shape: Shape, split: Split, steps: int) -> lis
     ]
 
 
-@dataclass
-class Candidate:
-    """One program under test: ``run(tmp, index)`` launches it once and returns its step times."""
-
-    name: str
-    run: Callable[[Path, int], list[float]]
-    summaries: list[RunSummary]
-
-
-def launcher_candidate(name: str, shape: Shape, split: Split, steps: int, *extra: str) -> Candidate:
-    summaries: list[RunSummary] = []
-
-    def run(tmp: Path, index: int) -> list[float]:
-        out = tmp / f"{name}_{index}"
-        launch_once(
-            train_command(split.processes, *launcher_overrides(out, shape, split, steps), *extra), tmp, out.name
-        )
-        folder = RunDir(out)
-        summaries.append(folder.read_summary())
-        return [m.step_time_s for m in folder.read_metrics()]
-
-    return Candidate(name, run, summaries)
+def launcher_run(tmp: Path, name: str, shape: Shape, split: Split, steps: int) -> RunDir:
+    """One launch of the launcher into ``tmp/name``; its run folder."""
+    out = tmp / name
+    launch_once(train_command(split.processes, *launcher_overrides(out, shape, split, steps)), tmp, name)
+    return RunDir(out)
 
 
 def baseline_args(out: Path, shape: Shape, split: Split, steps: int) -> list[str]:
@@ -158,6 +141,11 @@ class Length:
         return [f"--budget-s={self.seconds:.1f}", f"--min-steps={self.min_steps}"]
 
 
+def size_of(launch: str) -> str:
+    """``realistic/trainer`` -> ``realistic``: the key of its start-up reserve."""
+    return launch.split("/")[0]
+
+
 class Allotment:
     """The bench's minutes, shared among the alternating launches still to run, by SHARES, at the moment each
     starts: on a slow day the run still ends about on time, with fewer pairs; on a fast one the launches end
@@ -170,7 +158,7 @@ class Allotment:
     def length(self, launch: str, warmup: int, toggle: bool = False) -> Length:
         """``toggle``: the breakdown on every other step, so twice the steps give the least pairs."""
         share = self.left.pop(launch)
-        reserve_s = sum(self.startup_s[name.split("/")[0]] for name in [launch, *self.left])
+        reserve_s = sum(self.startup_s[size_of(name)] for name in [launch, *self.left])
         left_s = self.deadline - time.perf_counter() - reserve_s
         least = 2 * self.min_pairs + 1 if toggle else self.min_pairs
         seconds = max(left_s, 0.0) * share / (share + sum(self.left.values()))
@@ -181,21 +169,13 @@ class Allotment:
         becomes the reserve for its size's launches still to come, where that is more than the reserve was."""
         length = self.length(launch, warmup, toggle)
         got = start(length)
-        size = launch.split("/")[0]
+        size = size_of(launch)
         self.startup_s[size] = max(self.startup_s[size], got["wall_s"] - length.seconds)
         return got
 
 
 def entry(of: str, to: str, ratio: Ratio) -> dict:
     return {"of": of, "to": to, **asdict(ratio), "resolved": ratio.resolved, "text": ratio.text()}
-
-
-def breakdown(summaries: list[RunSummary]) -> dict[str, float] | None:
-    """The median over runs of each phase's median (launcher.timing)."""
-    found = [s.median_time_breakdown for s in summaries if s.median_time_breakdown]
-    if not found:
-        return None
-    return {k: sorted(b[k] for b in found)[len(found) // 2] for k in found[0]}
 
 
 def alternating(tmp: Path, host: str, shape: Shape, split: Split, length: Length, toggle: bool = False) -> dict:
@@ -299,12 +279,13 @@ def accumulation_vs_devices(tmp: Path, steps: int) -> dict:
     cannot share a launch, and separate launches differ by several percent here (three rounds of them, 82-99 s
     of the run, left every ratio's interval 11-175% wide)."""
     layouts = {"1x_K8": Split(1, 4, 8), "2x_K4": Split(2, 4, 4), "2x_K1": Split(2, 16, 1)}
-    candidates = [launcher_candidate(name, TINY, split, steps) for name, split in layouts.items()]
-    figures = {c.name: run_statistic(c.run(tmp, 0), WARMUP_STEPS) for c in candidates}
+    runs = {name: launcher_run(tmp, name, TINY, split, steps) for name, split in layouts.items()}
     return {
         "layouts": {name: asdict(split) for name, split in layouts.items()},
-        "median_step_s": figures,
-        "breakdown": {c.name: breakdown(c.summaries) for c in candidates},
+        "median_step_s": {
+            name: run_statistic([m.step_time_s for m in run.read_metrics()], WARMUP_STEPS) for name, run in runs.items()
+        },
+        "breakdown": {name: run.read_summary().median_time_breakdown for name, run in runs.items()},
     }
 
 
@@ -313,9 +294,7 @@ def memory_vs_micro_batch(tmp: Path, micros: list[int]) -> list[dict]:
     (exact, so one run each), and the process's peak resident set."""
     rows = []
     for b in micros:
-        c = launcher_candidate(f"mem{b}", REALISTIC, Split(1, b, max(micros) // b), 1)
-        c.run(tmp, 0)
-        s = c.summaries[0]
+        s = launcher_run(tmp, f"mem{b}", REALISTIC, Split(1, b, max(micros) // b), 1).read_summary()
         m = s.memory_per_rank[0]
         rows.append(
             {
