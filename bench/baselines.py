@@ -3,12 +3,18 @@ weights and the same samples in the same order as a launcher run with the same s
 
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py plain   --out plain.json ...
     accelerate launch --multi_gpu --num_processes 2 bench/baselines.py trainer --out trainer.json ...
-    accelerate launch --multi_gpu --num_processes 2 bench/baselines.py launcher+plain --out both.json ... key=value ...
+    accelerate launch --multi_gpu --num_processes 2 bench/baselines.py hosts+plain --out both.json \
+        --accum-steps 4,4 --steps 240,160 ... key=value ...
 
 ``plain`` is a hand-written DDP loop the nanoGPT way: ``require_backward_grad_sync`` set on the last micro-step
 only, the loss divided by K, DDP's built-in all-reduce. ``trainer`` is the Transformers Trainer with
-``gradient_accumulation_steps``. ``launcher+plain`` and ``trainer+plain`` run that loop and ``plain`` in one
-process, a step of each in turn. Each writes its per-step wall times (seconds) as JSON on rank 0.
+``gradient_accumulation_steps``. ``hosts+plain`` runs the launcher, then the Trainer, each with ``plain`` beside
+it, a step of each in turn; ``no_sync+every_step`` runs the launcher's two sync policies side by side, once per
+K. Each writes its per-step wall times (seconds) as JSON on rank 0.
+
+A launch runs its loops in legs, one after the other, each with its own K, step cap and time budget (the
+comma-separated ``--accum-steps``, ``--steps``, ``--budget-s`` and ``--min-steps``, a value per leg): a second
+leg in the same process spares the benchmark a launch's start-up (imports, a process group; 13-40 s here).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,23 +53,46 @@ SEED = 0
 SYNC_POLICIES = ("no_sync", "every_step")
 
 
+@dataclass(frozen=True)
+class Leg:
+    """One loop's turn in a launch: its K, and its length (Budget)."""
+
+    accum_steps: int
+    steps: int
+    budget_s: float | None
+    min_steps: int
+
+
+def listed(kind: Callable[[str], float]) -> Callable[[str], list]:
+    """An option's comma-separated values, a leg each."""
+    return lambda text: [kind(value) for value in text.split(",")]
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("loop", choices=list(LOOPS))
     p.add_argument("--out", required=True)
     p.add_argument("--micro-batch-size", type=int, required=True)
-    p.add_argument("--accum-steps", type=int, required=True)
-    p.add_argument("--steps", type=int, default=12, help="the steps to run; with --budget-s, the most")
-    p.add_argument("--budget-s", type=float, help="alternations: stop at the first step past this many seconds")
-    p.add_argument("--min-steps", type=int, default=1, help="alternations: never stop for the budget before these")
+    p.add_argument("--accum-steps", type=listed(int), required=True, help="K, a value per leg")
+    p.add_argument("--steps", type=listed(int), help="each leg's steps; with --budget-s, the most (default 12)")
+    p.add_argument("--budget-s", type=listed(float), help="each leg stops at its first step past these seconds")
+    p.add_argument("--min-steps", type=listed(int), help="never stop a leg for its budget before these (default 1)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=1024)
-    p.add_argument("--toggle-breakdown", action="store_true", help="launcher+plain: the breakdown on/off")
-    p.add_argument("overrides", nargs="*", help="the launcher's overrides (launcher+plain, no_sync+every_step)")
-    return p.parse_intermixed_args()
+    p.add_argument("--toggle-breakdown", action="store_true", help="hosts+plain: the launcher's breakdown on/off")
+    p.add_argument("overrides", nargs="*", help="the launcher's overrides (hosts+plain, no_sync+every_step)")
+    args = p.parse_intermixed_args()
+    count = len(args.accum_steps)
+    args.steps, args.min_steps = args.steps or [12] * count, args.min_steps or [1] * count
+    args.budget_s = args.budget_s or [None] * count
+    if not len(args.steps) == len(args.min_steps) == len(args.budget_s) == count:
+        p.error(f"--accum-steps gives {count} leg(s): --steps, --budget-s and --min-steps need a value each")
+    values = zip(args.accum_steps, args.steps, args.budget_s, args.min_steps, strict=True)
+    args.legs = [Leg(*leg) for leg in values]
+    return args
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
@@ -82,13 +113,13 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, TokenDataset]:
 class PlainLoop:
     """The hand-written DDP loop, one optimizer step per ``step()`` call, on the default process group."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, leg: Leg, device: torch.device) -> None:
         self.rank, world = dist.get_rank(), dist.get_world_size()
         self.device = device
         model, self.data = build(args)
         self.model = torch.nn.parallel.DistributedDataParallel(model.to(device))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.plan = BatchPlan(world, args.micro_batch_size, args.accum_steps)
+        self.plan = BatchPlan(world, args.micro_batch_size, leg.accum_steps)
         self.order = SampleOrder(len(self.data), self.plan.global_batch_size, SEED)
 
     def step(self, step: int) -> float:
@@ -116,17 +147,18 @@ def plain(args: argparse.Namespace) -> dict[str, list[float]]:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    loop = PlainLoop(args, device)
-    return {"step_time_s": [loop.step(step) for step in range(args.steps)]}
+    (leg,) = args.legs
+    loop = PlainLoop(args, leg, device)
+    return {"step_time_s": [loop.step(step) for step in range(leg.steps)]}
 
 
 class Budget:
-    """An alternation's length: ``args.steps``, or fewer once ``args.budget_s`` seconds have passed (after at
-    least ``args.min_steps``), so that a slow machine ends on time with fewer pairs instead of running long.
+    """A leg's length: ``leg.steps``, or fewer once ``leg.budget_s`` seconds have passed (after at least
+    ``leg.min_steps``), so that a slow machine ends on time with fewer pairs instead of running long.
     Rank 0's clock decides and every rank hears it, so all stop at the same step."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.steps, self.seconds, self.min_steps = args.steps, args.budget_s, args.min_steps
+    def __init__(self, leg: Leg) -> None:
+        self.steps, self.seconds, self.min_steps = leg.steps, leg.budget_s, leg.min_steps
         self.began: float | None = None  # the first call: the steps' time, not the launch's start-up
 
     def over(self, done: int, device: torch.device) -> bool:
@@ -148,12 +180,12 @@ class Alternation:
     loops train their own copy of the same model on the same samples, a step of each in turn, so whatever makes
     one launch or one second faster than another falls on both. Returns whether the host should stop (Budget)."""
 
-    def __init__(self, args: argparse.Namespace, with_plain: bool) -> None:
-        self.args, self.with_plain = args, with_plain
+    def __init__(self, args: argparse.Namespace, leg: Leg, with_plain: bool) -> None:
+        self.args, self.leg, self.with_plain = args, leg, with_plain
         self.times: dict[str, list[float]] = {"host_step_s": [], "plain_step_s": []}
         self._loop: PlainLoop | None = None
         self._mark = math.nan  # when the last call returned: the host's next step starts there
-        self._budget = Budget(args)
+        self._budget = Budget(leg)
 
     def start(self) -> None:
         self._mark = time.perf_counter()
@@ -163,7 +195,7 @@ class Alternation:
         self.times["host_step_s"].append(time.perf_counter() - self._mark)
         if self.with_plain:
             if self._loop is None:  # built once the host's process group exists
-                self._loop = PlainLoop(self.args, device)
+                self._loop = PlainLoop(self.args, self.leg, device)
             self.times["plain_step_s"].append(self._loop.step(step - 1))
         over = self._budget.over(step, device)
         if over:
@@ -173,7 +205,7 @@ class Alternation:
         return over
 
 
-def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
+def launcher_plain(args: argparse.Namespace, leg: Leg) -> dict[str, list]:
     """The launcher (train.py's train() on the overrides) alternating with the plain loop. Its first step has
     no start mark (NaN). With ``--toggle-breakdown`` its time breakdown is on every other step only."""
     from launcher.config import load_config
@@ -181,7 +213,7 @@ def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
     from launcher.train import train
 
     COUNTER.install()
-    alternation, timed = Alternation(args, with_plain=True), []
+    alternation, timed = Alternation(args, leg, with_plain=True), []
 
     def after_step(run: Run, record: StepRecord) -> bool:
         timed.append(record.time_breakdown is not None)
@@ -193,10 +225,25 @@ def launcher_plain(args: argparse.Namespace) -> dict[str, list]:
     return {**alternation.times, "host_timed": timed}
 
 
-def sync_policies(args: argparse.Namespace) -> dict[str, list]:
+def hosts_plain(args: argparse.Namespace) -> dict[str, dict]:
+    """The launcher's leg, then the Trainer's, each alternating with the plain loop, in one launch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    launcher_leg, trainer_leg = args.legs
+    got = {"launcher": launcher_plain(args, launcher_leg)}
+    # The launcher tore its process group down at its end, but Accelerate's state still holds it: forgotten,
+    # so that the Trainer forms its own. The two groups' keys in the launch's store differ (the launcher's
+    # carry its attempt's prefix: launcher/distributed.py form_group), so no stale address is read.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    got["trainer"] = trainer(args, trainer_leg, with_plain=True)
+    return got
+
+
+def sync_policies(args: argparse.Namespace) -> dict[str, dict[str, list]]:
     """Two launcher runs in one process on their own copies of the model, ``batch.sync=no_sync`` and
-    ``every_step``, a step of each in turn through the launcher's own ``train_step``: what no_sync saves. At
-    K=1 both do the same work, the method's own check."""
+    ``every_step``, a step of each in turn through the launcher's own ``train_step``: what no_sync saves, in
+    a leg per K (keyed ``k1``, ``k8``, ...). At K=1 both do the same work, the method's own check."""
     from launcher import trainer
     from launcher.config import load_config
     from launcher.distributed import init_accelerator, join_launch, launched_world_size, shutdown
@@ -205,35 +252,42 @@ def sync_policies(args: argparse.Namespace) -> dict[str, list]:
     from launcher.step import train_step
 
     COUNTER.install()
-    cfgs = {
-        sync: load_config(None, [*args.overrides, f"batch.sync={sync}", f"run.output_dir={args.out}.{sync}"])
-        for sync in SYNC_POLICIES
-    }
-    accelerator = init_accelerator(cfgs["no_sync"], [], join_launch(cfgs["no_sync"].run.dist_timeout_s))
-    runs = {
-        sync: trainer.build(
-            cfg, make_plan(cfg, launched_world_size()), accelerator, RunDir(cfg.run.output_dir), None, lambda: False
-        )[0]
-        for sync, cfg in cfgs.items()
-    }
-    fields = ("step_s", "allreduce_bytes", "time_breakdown")
-    out: dict[str, list] = {f"{sync}_{field}": [] for sync in runs for field in fields}
-    budget, step = Budget(args), 0
-    while not budget.over(step, accelerator.device):
-        for sync in SYNC_POLICIES if step % 2 == 0 else SYNC_POLICIES[::-1]:  # each goes first every other step
-            record, _ = train_step(runs[sync], step)
-            out[f"{sync}_step_s"].append(record.step_time_s)
-            out[f"{sync}_allreduce_bytes"].append(record.allreduce_bytes)
-            out[f"{sync}_time_breakdown"].append(record.time_breakdown)
-        step += 1
-    for run in runs.values():
-        run.feeder.close()
-    runs.clear()  # the DDP models hold the group: released before it is torn down
+    accelerator, got = None, {}
+    for leg in args.legs:
+        k = leg.accum_steps
+        per_k = [*args.overrides, f"batch.accum_steps={k}"]
+        cfgs = {
+            sync: load_config(None, [*per_k, f"batch.sync={sync}", f"run.output_dir={args.out}.k{k}.{sync}"])
+            for sync in SYNC_POLICIES
+        }
+        if accelerator is None:
+            accelerator = init_accelerator(cfgs["no_sync"], [], join_launch(cfgs["no_sync"].run.dist_timeout_s))
+        runs = {
+            sync: trainer.build(
+                cfg, make_plan(cfg, launched_world_size()), accelerator, RunDir(cfg.run.output_dir), None, lambda: False
+            )[0]
+            for sync, cfg in cfgs.items()
+        }
+        fields = ("step_s", "allreduce_bytes", "time_breakdown")
+        out: dict[str, list] = {f"{sync}_{field}": [] for sync in runs for field in fields}
+        budget, step = Budget(leg), 0
+        while not budget.over(step, accelerator.device):
+            for sync in SYNC_POLICIES if step % 2 == 0 else SYNC_POLICIES[::-1]:  # each goes first every other step
+                record, _ = train_step(runs[sync], step)
+                out[f"{sync}_step_s"].append(record.step_time_s)
+                out[f"{sync}_allreduce_bytes"].append(record.allreduce_bytes)
+                out[f"{sync}_time_breakdown"].append(record.time_breakdown)
+            step += 1
+        for run in runs.values():
+            run.feeder.close()
+        runs.clear()  # the DDP models hold the group: released before it is torn down
+        accelerator.free_memory()  # and Accelerate's references to them
+        got[f"k{k}"] = out
     shutdown(accelerator)
-    return out
+    return got
 
 
-def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, list[float]]:
+def trainer(args: argparse.Namespace, leg: Leg | None = None, with_plain: bool = False) -> dict[str, list[float]]:
     """The Transformers Trainer on the same model and samples, alone or alternating with the plain loop."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -244,7 +298,9 @@ def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, lis
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         return data.collate([item["id"] for item in items], len(items), items[0]["id"])
 
-    alternation = Alternation(args, with_plain)
+    if leg is None:  # the Trainer alone
+        (leg,) = args.legs
+    alternation = Alternation(args, leg, with_plain)
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *a, **k):  # noqa: ANN002, ANN003
@@ -257,8 +313,8 @@ def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, lis
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.accum_steps,
-        max_steps=args.steps,
+        gradient_accumulation_steps=leg.accum_steps,
+        max_steps=leg.steps,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
@@ -294,8 +350,7 @@ def trainer(args: argparse.Namespace, with_plain: bool = False) -> dict[str, lis
 LOOPS = {
     "plain": plain,
     "trainer": trainer,
-    "launcher+plain": launcher_plain,
-    "trainer+plain": lambda args: trainer(args, with_plain=True),
+    "hosts+plain": hosts_plain,
     "no_sync+every_step": sync_policies,
 }
 

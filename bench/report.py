@@ -48,9 +48,9 @@ def _overhead_text(section: dict, title: str) -> list[str]:
         f"GPT-2's architecture from config, hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
         f"seq_len {shape['seq_len']} "
         f"(about {section['parameters'] / 1e6:.1f} M parameters in the blocks); {split['processes']} processes, "
-        f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0. Two launches, the "
-        f"first {section['warmup_steps']} steps of each left out: {section['steps'][0]} steps of the launcher "
-        f"alternating with the plain loop, then {section['steps'][1]} of the Trainer alternating with it.",
+        f"micro batch {split['micro_batch_size']}, K={split['accum_steps']}, AdamW, clip 1.0. One launch, the "
+        f"first {section['warmup_steps']} steps of each leg left out: {section['steps'][0]} steps of the launcher "
+        f"alternating with the plain loop, then {section['steps'][1]} of the Trainer alternating with a new one.",
         "",
         _overhead_table(section),
         "",
@@ -129,8 +129,9 @@ def _no_sync_part(results: dict[str, Any]) -> list[str]:
     return [
         "## What no_sync saves",
         "",
-        "The tiny model, 2 processes, micro batch 2: per K one launch of two launcher runs (their own copies of the "
-        "model), `batch.sync=no_sync` and `every_step`, a step of each in turn through the launcher's own step "
+        "The tiny model, 2 processes, micro batch 2: one launch, a leg per K, each of two launcher runs (their "
+        "own copies of the model), `batch.sync=no_sync` and `every_step`, a step of each in turn through the "
+        "launcher's own step "
         f"({', '.join(str(r['steps']) + ' steps at K=' + str(r['accum_steps']) for r in results['no_sync'])}). At "
         "K=1 both policies do exactly the same work, so their ratio must be 1 within its interval: the check that "
         "the method does not invent differences.",
@@ -285,7 +286,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "The loops against the plain loop, and the two sync policies, are measured step by step in one process. One "
         "launch trains both candidates on their own copies of the model, a step of each in turn (the plain step "
         "runs in the launcher's after-step hook or a Trainer callback; the two policies are two launcher runs "
-        "whose steps alternate, the order swapped every step). Whatever makes one launch faster than another "
+        "whose steps alternate, the order swapped every step). A launch runs its comparisons one after the other, "
+        "in legs, which spares it a start-up each (13-40 s here). Whatever makes one launch faster than another "
         "(the same program's median step differed by several percent between launches here) falls on both; "
         "each pair of adjacent steps gives a ratio, and the figure is the Hodges-Lehmann estimate over their "
         "logs with the Wilcoxon signed-rank 95% interval (bench/stats.py), which the odd slow step does not "
@@ -296,7 +298,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         f"An interval wider than {RESOLUTION:.0%} is printed as unresolved, not as a figure.",
         "",
         f"The run keeps within {results['minutes']:g} minutes: the sections of fixed size run first, then "
-        "each alternating launch runs to its step cap or its share of the time left, whichever comes first, so a "
+        "each leg of an alternating launch runs to its step cap or its share of the time left, whichever comes "
+        "first, so a "
         "slower machine gives fewer pairs and wider intervals, not a longer run.",
         "",
         "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "

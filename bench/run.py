@@ -11,9 +11,10 @@ A loop against the plain loop alternates with it step by step in one process (be
 ratio is the Hodges-Lehmann estimate over the adjacent step pairs (bench/stats.py); layouts that differ in world
 size get a launch each and a median step, no ratio. An interval wider than 4% is reported as unresolved.
 
-The run keeps within its minutes: the sections of fixed size go first, then each alternating launch runs to its
-step cap or its share of the time left, whichever comes first, so a slower machine gives fewer pairs and wider
-intervals, not a longer run.
+The run keeps within its minutes: the sections of fixed size go first, then the alternating launches, each in
+legs that run one after the other in its one process (the launcher then the Trainer; K=1 then K=8). Each
+leg runs to its step cap or its share of the time left, whichever comes first, so a slower machine gives
+fewer pairs and wider intervals, not a longer run.
 """
 
 from __future__ import annotations
@@ -40,22 +41,20 @@ from launcher.rundir import RunDir
 from launcher.timing import median_breakdown
 
 WARMUP_STEPS = 3
-# What an alternating launch spends beyond its budget (start-up, building the models, the first step pair and
-# the one that crosses the budget), by size, on 2 cores at a slow hour; Allotment raises them as it measures.
-STARTUP_S = {"tiny": 15.0, "no_sync": 15.0, "realistic": 40.0}
-# Each alternating launch: its share of the time left (the realistic launcher's ratio is the one that must
-# resolve) and its step cap, the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
-ALTERNATIONS = {
-    "tiny/launcher": (1.5, 240),
-    "tiny/trainer": (1.0, 160),
-    "realistic/launcher": (5.0, 32),
-    "realistic/trainer": (1.5, 8),
-    "no_sync/k1": (0.6, 400),
-    "no_sync/k8": (1.0, 150),
+# The alternating launches, each in legs that run one after the other in its one process (bench/baselines.py):
+# a leg's share of the time left (the realistic launcher's ratio is the one that must resolve) and its step
+# cap, the pairs that resolved 2% at a normal pace (a 40-60 ms tiny step, 2.4 s realistic).
+LAUNCHES = {
+    "tiny": {"launcher": (1.5, 240), "trainer": (1.0, 160)},
+    "no_sync": {"k1": (0.6, 400), "k8": (1.0, 150)},
+    "realistic": {"launcher": (5.0, 32), "trainer": (1.5, 8)},
 }
-SHARES = {launch: share for launch, (share, _) in ALTERNATIONS.items()}
-STEPS = {launch: steps for launch, (_, steps) in ALTERNATIONS.items()}
-QUICK_STEPS = {launch: max(steps // 8, 4) for launch, steps in STEPS.items()}
+STEPS = {launch: {leg: steps for leg, (_, steps) in legs.items()} for launch, legs in LAUNCHES.items()}
+QUICK_STEPS = {launch: {leg: max(n // 8, 4) for leg, n in caps.items()} for launch, caps in STEPS.items()}
+# What a launch spends beyond its legs' budgets (start-up, building the models, each leg's first step pair
+# and the one that crosses its budget), on 2 cores at a slow hour; Allotment scales them as it measures.
+STARTUP_S = {"tiny": 25.0, "no_sync": 15.0, "realistic": 50.0}
+HOSTS = ("launcher", "trainer")
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
 DOCS = REPO / "docs"
 
@@ -117,60 +116,70 @@ def launcher_run(tmp: Path, name: str, shape: Shape, split: Split, steps: int) -
     return RunDir(out)
 
 
-def baseline_args(out: Path, shape: Shape, split: Split, steps: int) -> list[str]:
-    """bench/baselines.py's options for a run of ``shape`` under ``split`` writing its step times to ``out``."""
-    return [
-        f"--out={out}",
-        f"--micro-batch-size={split.micro_batch_size}",
-        f"--accum-steps={split.accum_steps}",
-        f"--steps={steps}",
-        *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(shape).items()],
-    ]
-
-
 @dataclass(frozen=True)
 class Length:
-    """An alternating launch's length (bench/baselines.py Budget): ``max_steps``, the pairs its ratio needs on
-    a machine of normal pace, or fewer once ``seconds`` have passed, but never fewer than ``min_steps``."""
+    """A leg's length (bench/baselines.py Budget): ``max_steps``, the pairs its ratio needs on a machine of
+    normal pace, or fewer once ``seconds`` have passed, but never fewer than ``min_steps``."""
 
     seconds: float
     min_steps: int
     max_steps: int
 
-    def args(self) -> list[str]:
-        return [f"--budget-s={self.seconds:.1f}", f"--min-steps={self.min_steps}"]
 
+def baseline_args(out: Path, shape: Shape, micro_batch_size: int, legs: list[tuple[int, Length]]) -> list[str]:
+    """bench/baselines.py's options for a launch of ``shape`` writing its step times to ``out``, a leg per
+    (K, length), in order."""
 
-def size_of(launch: str) -> str:
-    """``realistic/trainer`` -> ``realistic``: the key of its start-up reserve."""
-    return launch.split("/")[0]
+    def joined(values: list) -> str:
+        return ",".join(str(v) for v in values)
+
+    ks, lengths = zip(*legs, strict=True)
+    return [
+        f"--out={out}",
+        f"--micro-batch-size={micro_batch_size}",
+        f"--accum-steps={joined(ks)}",
+        f"--steps={joined([n.max_steps for n in lengths])}",
+        f"--budget-s={joined([f'{n.seconds:.1f}' for n in lengths])}",
+        f"--min-steps={joined([n.min_steps for n in lengths])}",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(shape).items()],
+    ]
 
 
 class Allotment:
-    """The bench's minutes, shared among the alternating launches still to run, by SHARES, at the moment each
-    starts: on a slow day the run still ends about on time, with fewer pairs; on a fast one the launches end
-    at their step caps (``steps``), sooner."""
+    """The bench's minutes, shared among the legs of the alternating launches still to run, by LAUNCHES' shares,
+    at the moment each launch starts: on a slow day the run still ends about on time, with fewer pairs; on a
+    fast one the legs end at their step caps (``steps``), sooner."""
 
-    def __init__(self, total_s: float, min_pairs: int, steps: dict[str, int]) -> None:
+    def __init__(self, total_s: float, min_pairs: int, steps: dict[str, dict[str, int]]) -> None:
         self.deadline, self.min_pairs, self.steps = time.perf_counter() + total_s, min_pairs, steps
-        self.left, self.startup_s = dict(SHARES), dict(STARTUP_S)
+        self.left = {launch: {leg: share for leg, (share, _) in got.items()} for launch, got in LAUNCHES.items()}
+        self.pace = 1.0  # the last launch's overrun over its STARTUP_S: a slow machine is slow at every start-up
+        self.overrun_s: dict[str, float] = {}
 
-    def length(self, launch: str, warmup: int, toggle: bool = False) -> Length:
-        """``toggle``: the breakdown on every other step, so twice the steps give the least pairs."""
-        share = self.left.pop(launch)
-        reserve_s = sum(self.startup_s[size_of(name)] for name in [launch, *self.left])
-        left_s = self.deadline - time.perf_counter() - reserve_s
-        least = 2 * self.min_pairs + 1 if toggle else self.min_pairs
-        seconds = max(left_s, 0.0) * share / (share + sum(self.left.values()))
-        return Length(seconds, warmup + least, max(self.steps[launch], warmup + least))
+    def reserve_s(self, launch: str) -> float:
+        return STARTUP_S[launch] * self.pace
 
-    def run(self, launch: str, warmup: int, start: Callable[[Length], dict], toggle: bool = False) -> dict:
-        """``start`` the launch at its length; what it spent beyond its budget (its ``wall_s`` less the budget)
-        becomes the reserve for its size's launches still to come, where that is more than the reserve was."""
-        length = self.length(launch, warmup, toggle)
-        got = start(length)
-        size = size_of(launch)
-        self.startup_s[size] = max(self.startup_s[size], got["wall_s"] - length.seconds)
+    def lengths(self, launch: str, warmup: int, toggled: tuple[str, ...] = ()) -> dict[str, Length]:
+        """``toggled``: legs with the breakdown on every other step, so twice the steps give the least pairs."""
+        shares = self.left.pop(launch)
+        left_s = self.deadline - time.perf_counter() - sum(self.reserve_s(name) for name in [launch, *self.left])
+        all_shares = sum(shares.values()) + sum(sum(legs.values()) for legs in self.left.values())
+        lengths = {}
+        for leg, share in shares.items():
+            least = warmup + (2 * self.min_pairs + 1 if leg in toggled else self.min_pairs)
+            lengths[leg] = Length(max(left_s, 0.0) * share / all_shares, least, max(self.steps[launch][leg], least))
+        return lengths
+
+    def run(
+        self, launch: str, warmup: int, start: Callable[[dict[str, Length]], dict], toggled: tuple[str, ...] = ()
+    ) -> dict:
+        """``start`` the launch at its legs' lengths. What it spent beyond their budgets (its ``wall_s`` less
+        theirs), over what was reserved for it, scales the reserves of the launches still to come (never
+        below STARTUP_S)."""
+        lengths = self.lengths(launch, warmup, toggled)
+        got = start(lengths)
+        self.overrun_s[launch] = got["wall_s"] - sum(length.seconds for length in lengths.values())
+        self.pace = max(1.0, self.overrun_s[launch] / STARTUP_S[launch])
         return got
 
 
@@ -178,18 +187,20 @@ def entry(of: str, to: str, ratio: Ratio) -> dict:
     return {"of": of, "to": to, **asdict(ratio), "resolved": ratio.resolved, "text": ratio.text()}
 
 
-def alternating(tmp: Path, host: str, shape: Shape, split: Split, length: Length, toggle: bool = False) -> dict:
-    """One launch of ``host`` (launcher or trainer) and the plain loop, a step of each in turn (bench/baselines.py);
-    their step times, and the launcher's summary. ``toggle``: the launcher's breakdown on every other step."""
-    out = tmp / f"{host}_plain_{shape.hidden_size}"
-    extra = ["--toggle-breakdown", *length.args()] if toggle else length.args()
-    if host == "launcher":  # its last step would include writing the final checkpoint
-        extra += [*launcher_overrides(out, shape, split, length.max_steps), "run.final_checkpoint=false"]
-    args = baseline_args(out.with_suffix(".json"), shape, split, length.max_steps)
-    wall_s = launch_once(baseline_command(split.processes, f"{host}+plain", *args, *extra), tmp, out.name)
-    times = json.loads(out.with_suffix(".json").read_text())
-    summary = RunDir(out).read_summary() if host == "launcher" else None
-    return {**times, "summary": summary, "wall_s": wall_s}
+def alternating(tmp: Path, shape: Shape, split: Split, lengths: dict[str, Length], toggle: bool = False) -> dict:
+    """One launch: the launcher, then the Trainer, each alternating with the plain loop a step of each in turn
+    (bench/baselines.py hosts+plain); their step times, and the launcher's summary. ``toggle``: the launcher's
+    breakdown on every other step."""
+    out = tmp / f"hosts_plain_{shape.hidden_size}"
+    # The launcher's run: its last step would include writing the final checkpoint.
+    extra = [*launcher_overrides(out, shape, split, lengths["launcher"].max_steps), "run.final_checkpoint=false"]
+    legs = [(split.accum_steps, lengths[host]) for host in HOSTS]
+    args = baseline_args(out.with_suffix(".json"), shape, split.micro_batch_size, legs)
+    cmd = baseline_command(split.processes, "hosts+plain", *args, *(["--toggle-breakdown"] if toggle else []), *extra)
+    wall_s = launch_once(cmd, tmp, out.name)
+    got = json.loads(out.with_suffix(".json").read_text())
+    got["launcher"]["summary"] = RunDir(out).read_summary()
+    return {**got, "wall_s": wall_s}
 
 
 def picked(times: dict, steps: range | list[int]) -> tuple[list[float], list[float]]:
@@ -203,13 +214,12 @@ def step_ratio(of: str, to: str, numerators: list[float], denominators: list[flo
 
 
 def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment, warmup: int, toggle: bool) -> dict:
-    """The launcher and the Trainer each against the plain loop, step by step in one process (each launch as long
+    """The launcher and the Trainer each against the plain loop, step by step in one launch (each leg as long
     as ``allot`` gives it); with ``toggle`` also what the launcher's time breakdown costs (its steps with it
     against those without, adjacent)."""
-    launcher = allot.run(
-        f"{size}/launcher", warmup, lambda n: alternating(tmp, "launcher", shape, split, n, toggle), toggle
-    )
-    trainer = allot.run(f"{size}/trainer", warmup, lambda n: alternating(tmp, "trainer", shape, split, n))
+    toggled = ("launcher",) if toggle else ()
+    got = allot.run(size, warmup, lambda lengths: alternating(tmp, shape, split, lengths, toggle), toggled)
+    launcher, trainer = got["launcher"], got["trainer"]
     steps = (len(launcher["host_step_s"]), len(trainer["host_step_s"]))
     timed = [i for i in range(warmup, steps[0]) if launcher["host_timed"][i]]
     launcher_s, beside_launcher_s = picked(launcher, timed)
@@ -241,33 +251,33 @@ def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment,
 
 
 def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dict]:
-    """For K = 1 and 8, one launch of two launcher runs, no_sync and every_step, a step of each in turn (the order
-    swapped every step), as long as ``allot`` gives it."""
+    """One launch of a leg per K (1 and 8), each two launcher runs, no_sync and every_step, a step of each in
+    turn (the order swapped every step), as long as ``allot`` gives it."""
+    ks, out = (1, 8), tmp / "sync_policies"
 
-    def policies(split: Split, out: Path, length: Length) -> dict:
-        args = [*baseline_args(out.with_suffix(".json"), TINY, split, length.max_steps), *length.args()]
-        overrides = launcher_overrides(out, TINY, split, length.max_steps)  # each run's own output_dir follows
-        cmd = baseline_command(split.processes, "no_sync+every_step", *args, *overrides)
-        wall_s = launch_once(cmd, tmp, out.name)
+    def policies(lengths: dict[str, Length]) -> dict:
+        legs = [(k, lengths[f"k{k}"]) for k in ks]
+        args = baseline_args(out.with_suffix(".json"), TINY, 2, legs)
+        # Each leg sets its own K and output_dir after these.
+        overrides = launcher_overrides(out, TINY, Split(2, 2, 1), max(n.max_steps for n in lengths.values()))
+        wall_s = launch_once(baseline_command(2, "no_sync+every_step", *args, *overrides), tmp, out.name)
         return {**json.loads(out.with_suffix(".json").read_text()), "wall_s": wall_s}
 
-    rows = []
-    for k in (1, 8):
-        split, out = Split(2, 2, k), tmp / f"sync_policies_k{k}"
-        got = allot.run(f"no_sync/k{k}", warmup, lambda n, split=split, out=out: policies(split, out, n))
-        count = len(got["no_sync_step_s"])
-        kept = {sync: got[f"{sync}_step_s"][warmup:] for sync in SYNC_POLICIES}
+    got, rows = allot.run("no_sync", warmup, policies), []
+    for k in ks:
+        leg = got[f"k{k}"]
+        kept = {sync: leg[f"{sync}_step_s"][warmup:] for sync in SYNC_POLICIES}
         rows.append(
             {
                 "accum_steps": k,
-                "steps": count,
+                "steps": len(leg["no_sync_step_s"]),
                 "ratio": step_ratio("no_sync", "every_step", kept["no_sync"], kept["every_step"]),
                 "median_step_s": {f"k{k}_{sync}": times for sync, times in kept.items()},
                 "allreduce_bytes_per_step": {
-                    sync: statistics.fmean(got[f"{sync}_allreduce_bytes"]) for sync in SYNC_POLICIES
+                    sync: statistics.fmean(leg[f"{sync}_allreduce_bytes"]) for sync in SYNC_POLICIES
                 },
                 "breakdown": {
-                    f"k{k}_{sync}": median_breakdown(got[f"{sync}_time_breakdown"]) for sync in SYNC_POLICIES
+                    f"k{k}_{sync}": median_breakdown(leg[f"{sync}_time_breakdown"]) for sync in SYNC_POLICIES
                 },
             }
         )
@@ -350,15 +360,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # The sections of fixed size first (a launch per layout, one-step memory runs, data: 2-3 minutes on 2 cores,
-        # as the machine goes), then the alternations in what is left, the realistic one last: its launches'
-        # start-up (two 25 M models) is the least predictable. Its steps take seconds: two warm-up steps do.
+        # as the machine goes), then the alternations in what is left, the realistic one first: its least steps
+        # (2 warm-up and 6 pairs a leg, of 2.4-4.7 s steps) take a minute or two; the tiny launches after it
+        # can shrink to fit what it leaves.
         sections = [
             ("accumulation_vs_devices", lambda: accumulation_vs_devices(tmp, 8 if quick else 10)),
             ("memory", lambda: memory_vs_micro_batch(tmp, [1, 4] if quick else [1, 2, 4])),
             ("data", lambda: data_at_scale(tmp, quick)),
+            ("realistic", lambda: overhead(tmp, "realistic", REALISTIC, Split(2, 1, 4), allot, 2, False)),
             ("overhead", lambda: overhead(tmp, "tiny", TINY, Split(2, 4, 4), allot, 5, True)),
             ("no_sync", lambda: no_sync(tmp, allot)),
-            ("realistic", lambda: overhead(tmp, "realistic", REALISTIC, Split(2, 1, 4), allot, 2, False)),
         ]
         results: dict = {"machine": machine(), "command": "python bench/run.py" + (" --quick" if quick else "")}
         results["minutes"] = minutes
@@ -368,6 +379,7 @@ def main() -> None:
             begun = time.perf_counter()
             results[name] = section()
             print(f"{name}: {time.perf_counter() - begun:.0f} s", flush=True)
+    results["launch_overrun_s"] = allot.overrun_s  # each alternating launch's time beyond its legs' budgets
     results["wall_time_s"] = time.perf_counter() - started
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -78,17 +78,23 @@ def test_fewer_than_six_steps_give_no_interval():
 
 
 def test_the_time_left_is_shared_and_what_a_launch_overran_is_reserved():
-    from bench.run import SHARES, STARTUP_S, Allotment
+    from bench.run import LAUNCHES, STARTUP_S, Allotment
 
-    total_s, share_sum = 600.0, sum(SHARES.values())
-    allot = Allotment(total_s, min_pairs=6, steps={launch: 100 for launch in SHARES})
-    first = allot.length("tiny/launcher", warmup=5, toggle=True)
-    reserve_s = sum(STARTUP_S[launch.split("/")[0]] for launch in SHARES)
-    assert first.seconds == pytest.approx((total_s - reserve_s) * SHARES["tiny/launcher"] / share_sum, abs=0.5)
-    assert (first.min_steps, first.max_steps) == (5 + 13, 100)  # toggled: 2 x 6 pairs + 1
-    # The Trainer's launch overran its budget by 50 s: launches of its size are now reserved that much.
-    allot.run("tiny/trainer", 5, lambda length: {"wall_s": length.seconds + 50.0})
-    assert allot.startup_s["tiny"] == pytest.approx(50.0) and allot.startup_s["realistic"] == STARTUP_S["realistic"]
-    # A launch that ended at its cap, well inside its budget, lowers no reserve.
-    allot.run("no_sync/k1", 3, lambda length: {"wall_s": 1.0})
-    assert allot.startup_s["no_sync"] == STARTUP_S["no_sync"]
+    total_s = 600.0
+    share_sum = sum(share for legs in LAUNCHES.values() for share, _ in legs.values())
+    allot = Allotment(total_s, min_pairs=6, steps={launch: dict.fromkeys(LAUNCHES[launch], 100) for launch in LAUNCHES})
+    tiny = allot.lengths("tiny", warmup=5, toggled=("launcher",))
+    left_s = total_s - sum(STARTUP_S.values())  # one start-up reserved per launch, not per leg
+    for leg, (share, _) in LAUNCHES["tiny"].items():
+        assert tiny[leg].seconds == pytest.approx(left_s * share / share_sum, abs=0.5)
+    assert (tiny["launcher"].min_steps, tiny["launcher"].max_steps) == (5 + 13, 100)  # toggled: 2 x 6 pairs + 1
+    assert tiny["trainer"].min_steps == 5 + 6
+    # The no_sync launch overran its legs' budgets by 3 times its reserve: the launches still to come are
+    # reserved 3 times theirs.
+    allot.run(
+        "no_sync", 3, lambda lengths: {"wall_s": sum(n.seconds for n in lengths.values()) + 3 * STARTUP_S["no_sync"]}
+    )
+    assert allot.reserve_s("realistic") == pytest.approx(3 * STARTUP_S["realistic"])
+    # A launch that ended at its caps, well inside its budgets, brings the reserves back to STARTUP_S, no lower.
+    allot.run("realistic", 2, lambda lengths: {"wall_s": 1.0})
+    assert allot.reserve_s("tiny") == STARTUP_S["tiny"]
