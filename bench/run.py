@@ -52,8 +52,10 @@ LAUNCHES = {
 STEPS = {launch: {leg: steps for leg, (_, steps) in legs.items()} for launch, legs in LAUNCHES.items()}
 QUICK_STEPS = {launch: {leg: max(n // 8, 4) for leg, n in caps.items()} for launch, caps in STEPS.items()}
 # What a launch spends beyond its legs' budgets (start-up, building the models, each leg's first step pair
-# and the one that crosses its budget), on 2 cores at a slow hour; Allotment scales them as it measures.
-STARTUP_S = {"tiny": 25.0, "no_sync": 15.0, "realistic": 50.0}
+# and the one that crosses its budget), as measured on 2 cores at a slow hour (tiny 17-18 s, no_sync 13 s,
+# realistic 65-75 s). Each launch's budgets come from the time left when it starts: what one overran, those
+# after it give up.
+STARTUP_S = {"tiny": 20.0, "no_sync": 15.0, "realistic": 70.0}
 HOSTS = ("launcher", "trainer")
 TRAINER, UNTIMED = "trainer", "launcher_untimed"
 DOCS = REPO / "docs"
@@ -153,16 +155,12 @@ class Allotment:
     def __init__(self, total_s: float, min_pairs: int, steps: dict[str, dict[str, int]]) -> None:
         self.deadline, self.min_pairs, self.steps = time.perf_counter() + total_s, min_pairs, steps
         self.left = {launch: {leg: share for leg, (share, _) in got.items()} for launch, got in LAUNCHES.items()}
-        self.pace = 1.0  # the last launch's overrun over its STARTUP_S: a slow machine is slow at every start-up
-        self.overrun_s: dict[str, float] = {}
-
-    def reserve_s(self, launch: str) -> float:
-        return STARTUP_S[launch] * self.pace
+        self.overrun_s: dict[str, float] = {}  # each launch's time beyond its legs' budgets, as measured
 
     def lengths(self, launch: str, warmup: int, toggled: tuple[str, ...] = ()) -> dict[str, Length]:
         """``toggled``: legs with the breakdown on every other step, so twice the steps give the least pairs."""
         shares = self.left.pop(launch)
-        left_s = self.deadline - time.perf_counter() - sum(self.reserve_s(name) for name in [launch, *self.left])
+        left_s = self.deadline - time.perf_counter() - sum(STARTUP_S[name] for name in [launch, *self.left])
         all_shares = sum(shares.values()) + sum(sum(legs.values()) for legs in self.left.values())
         lengths = {}
         for leg, share in shares.items():
@@ -173,13 +171,10 @@ class Allotment:
     def run(
         self, launch: str, warmup: int, start: Callable[[dict[str, Length]], dict], toggled: tuple[str, ...] = ()
     ) -> dict:
-        """``start`` the launch at its legs' lengths. What it spent beyond their budgets (its ``wall_s`` less
-        theirs), over what was reserved for it, scales the reserves of the launches still to come (never
-        below STARTUP_S)."""
+        """``start`` the launch at its legs' lengths; records what it spent beyond their budgets."""
         lengths = self.lengths(launch, warmup, toggled)
         got = start(lengths)
         self.overrun_s[launch] = got["wall_s"] - sum(length.seconds for length in lengths.values())
-        self.pace = max(1.0, self.overrun_s[launch] / STARTUP_S[launch])
         return got
 
 

@@ -77,10 +77,10 @@ def test_fewer_than_six_steps_give_no_interval():
         hodges_lehmann([1.0], [])
 
 
-def test_the_time_left_is_shared_and_what_a_launch_overran_is_reserved():
+def test_the_time_left_is_shared_and_what_a_launch_overran_comes_off_those_after_it():
     from bench.run import LAUNCHES, STARTUP_S, Allotment
 
-    total_s = 600.0
+    total_s = 1200.0
     share_sum = sum(share for legs in LAUNCHES.values() for share, _ in legs.values())
     allot = Allotment(total_s, min_pairs=6, steps={launch: dict.fromkeys(LAUNCHES[launch], 100) for launch in LAUNCHES})
     tiny = allot.lengths("tiny", warmup=5, toggled=("launcher",))
@@ -89,12 +89,19 @@ def test_the_time_left_is_shared_and_what_a_launch_overran_is_reserved():
         assert tiny[leg].seconds == pytest.approx(left_s * share / share_sum, abs=0.5)
     assert (tiny["launcher"].min_steps, tiny["launcher"].max_steps) == (5 + 13, 100)  # toggled: 2 x 6 pairs + 1
     assert tiny["trainer"].min_steps == 5 + 6
-    # The no_sync launch overran its legs' budgets by 3 times its reserve: the launches still to come are
-    # reserved 3 times theirs.
-    allot.run(
-        "no_sync", 3, lambda lengths: {"wall_s": sum(n.seconds for n in lengths.values()) + 3 * STARTUP_S["no_sync"]}
-    )
-    assert allot.reserve_s("realistic") == pytest.approx(3 * STARTUP_S["realistic"])
-    # A launch that ended at its caps, well inside its budgets, brings the reserves back to STARTUP_S, no lower.
-    allot.run("realistic", 2, lambda lengths: {"wall_s": 1.0})
-    assert allot.reserve_s("tiny") == STARTUP_S["tiny"]
+
+    # Time passing is the deadline moving nearer. The tiny launch took its budgets and its reserve; the
+    # realistic one 100 s more than that: it is recorded, and the no_sync launch after it gets what is left.
+    took_s = {"tiny": sum(n.seconds for n in tiny.values()) + STARTUP_S["tiny"]}
+    allot.deadline -= took_s["tiny"]
+
+    def realistic(lengths: dict) -> dict:
+        took_s["realistic"] = sum(n.seconds for n in lengths.values()) + STARTUP_S["realistic"] + 100.0
+        allot.deadline -= took_s["realistic"]
+        return {"wall_s": took_s["realistic"]}
+
+    allot.run("realistic", 2, realistic)
+    assert allot.overrun_s["realistic"] == pytest.approx(STARTUP_S["realistic"] + 100.0)
+    no_sync = allot.lengths("no_sync", warmup=3)
+    left_s = total_s - sum(took_s.values()) - STARTUP_S["no_sync"]
+    assert sum(n.seconds for n in no_sync.values()) == pytest.approx(left_s, abs=0.5)
