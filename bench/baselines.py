@@ -51,6 +51,7 @@ from launcher.rundir import RunDir, StepRecord
 
 SEED = 0
 SYNC_POLICIES = ("no_sync", "every_step")
+LEG_COUNTS = {"plain": 1, "trainer": 1, "hosts+plain": 2}  # no_sync+every_step: a leg per K, any number
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ def parse() -> argparse.Namespace:
     count = len(args.accum_steps)
     args.steps, args.min_steps = args.steps or [12] * count, args.min_steps or [1] * count
     args.budget_s = args.budget_s or [None] * count
+    wanted = LEG_COUNTS.get(args.loop, count)
+    if count != wanted:
+        p.error(f"{args.loop} runs {wanted} leg(s): --accum-steps takes {wanted} value(s), not {count}")
     if not len(args.steps) == len(args.min_steps) == len(args.budget_s) == count:
         p.error(f"--accum-steps gives {count} leg(s): --steps, --budget-s and --min-steps need a value each")
     values = zip(args.accum_steps, args.steps, args.budget_s, args.min_steps, strict=True)
