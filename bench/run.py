@@ -52,7 +52,7 @@ LAUNCHES = {
 STEPS = {launch: {leg: steps for leg, (_, steps) in legs.items()} for launch, legs in LAUNCHES.items()}
 QUICK_STEPS = {launch: {leg: max(n // 8, 4) for leg, n in caps.items()} for launch, caps in STEPS.items()}
 # What a launch spends beyond its legs' budgets (start-up, building the models, each leg's first step pair
-# and the one that crosses its budget), as measured on 2 cores at a slow hour (tiny 17-18 s, no_sync 13 s,
+# and the one that crosses its budget), as measured on 2 cores at a slow hour (tiny 17-20 s, no_sync 12-15 s,
 # realistic 65-75 s). Each launch's budgets come from the time left when it starts: what one overran, those
 # after it give up.
 STARTUP_S = {"tiny": 20.0, "no_sync": 15.0, "realistic": 70.0}
@@ -187,7 +187,7 @@ def alternating(tmp: Path, shape: Shape, split: Split, lengths: dict[str, Length
     (bench/baselines.py hosts+plain); their step times, and the launcher's summary. ``toggle``: the launcher's
     breakdown on every other step."""
     out = tmp / f"hosts_plain_{shape.hidden_size}"
-    # The launcher's run: its last step would include writing the final checkpoint.
+    # The launcher's run, without its final checkpoint, whose writing would fall in its last step's time.
     extra = [*launcher_overrides(out, shape, split, lengths["launcher"].max_steps), "run.final_checkpoint=false"]
     legs = [(split.accum_steps, lengths[host]) for host in HOSTS]
     args = baseline_args(out.with_suffix(".json"), shape, split.micro_batch_size, legs)
