@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -299,8 +300,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         "",
         f"The run keeps within {results['minutes']:g} minutes: the sections of fixed size run first, then "
         "each leg of an alternating launch runs to its step cap or its share of the time left, whichever comes "
-        "first, so a "
-        "slower machine gives fewer pairs and wider intervals, not a longer run.",
+        "first, so a slower machine gives fewer pairs and wider intervals, not a longer run. At this run's "
+        f"pace, every leg at its step cap would have taken {results['minutes_to_step_caps']:.1f} minutes "
+        f"(`--minutes {math.ceil(results['minutes_to_step_caps'])}`).",
         "",
         "Phases (`run.time_breakdown`, in metrics.jsonl and summary.json): data (waiting for the prepared window), "
         "fwd, bwd, comm (the gradient communication the backward did not hide), scalars (the one per-step "

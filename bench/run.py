@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import SYNC_POLICIES
 from bench.launching import baseline_command, launch_once, train_command
-from bench.stats import MIN_PAIRS, Ratio, hodges_lehmann, run_statistic
+from bench.stats import MIN_PAIRS, RESOLUTION, Ratio, hodges_lehmann, run_statistic
 from launcher.launch import REPO
 from launcher.rundir import RunDir
 from launcher.timing import median_breakdown
@@ -236,6 +237,11 @@ def overhead(tmp: Path, size: str, shape: Shape, split: Split, allot: Allotment,
     return {
         "shape": asdict(shape),
         "parameters": shape.parameters,
+        # A host step and a plain one: what each step a leg stopped short of its cap would have cost.
+        "pair_s": {
+            "launcher": medians["launcher"] + medians["plain (beside the launcher)"],
+            TRAINER: medians[TRAINER] + medians["plain (beside the Trainer)"],
+        },
         "split": asdict(split),
         "steps": steps,
         "warmup_steps": warmup,
@@ -267,6 +273,7 @@ def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dic
                 "accum_steps": k,
                 "steps": len(leg["no_sync_step_s"]),
                 "ratio": step_ratio("no_sync", "every_step", kept["no_sync"], kept["every_step"]),
+                "pair_s": sum(statistics.median(times) for times in kept.values()),
                 "median_step_s": {f"k{k}_{sync}": times for sync, times in kept.items()},
                 "allreduce_bytes_per_step": {
                     sync: statistics.fmean(leg[f"{sync}_allreduce_bytes"]) for sync in SYNC_POLICIES
@@ -277,6 +284,18 @@ def no_sync(tmp: Path, allot: Allotment, warmup: int = WARMUP_STEPS) -> list[dic
             }
         )
     return rows
+
+
+def minutes_to_caps(results: dict, steps: dict[str, dict[str, int]]) -> float:
+    """What this run would have taken with every leg at its step cap, at the pace it measured: its wall time,
+    and each leg's steps short of its cap at that leg's median step pair."""
+    short = [
+        (steps[size][leg] - ran, results[section]["pair_s"][leg])
+        for size, section in (("tiny", "overhead"), ("realistic", "realistic"))
+        for leg, ran in zip(HOSTS, results[section]["steps"], strict=True)
+    ]
+    short += [(steps["no_sync"][f"k{row['accum_steps']}"] - row["steps"], row["pair_s"]) for row in results["no_sync"]]
+    return (results["wall_time_s"] + sum(max(n, 0) * pair_s for n, pair_s in short)) / 60
 
 
 def accumulation_vs_devices(tmp: Path, steps: int) -> dict:
@@ -376,10 +395,20 @@ def main() -> None:
             print(f"{name}: {time.perf_counter() - begun:.0f} s", flush=True)
     results["launch_overrun_s"] = allot.overrun_s  # each alternating launch's time beyond its legs' budgets
     results["wall_time_s"] = time.perf_counter() - started
+    results["minutes_to_step_caps"] = minutes_to_caps(results, QUICK_STEPS if quick else STEPS)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, args.out_dir)
     print(f"wrote {args.out_dir / 'benchmarks.md'} in {results['wall_time_s']:.0f} s")
+    ratios = [r for name in ("overhead", "realistic") for r in results[name]["ratios"]]
+    ratios += [row["ratio"] for row in results["no_sync"]]
+    unresolved = sum(not ratio["resolved"] for ratio in ratios)
+    if unresolved:
+        print(
+            f"{unresolved} of {len(ratios)} ratios unresolved (intervals wider than {RESOLUTION:.0%}); at this pace "
+            f"every leg at its step cap would take about {results['minutes_to_step_caps']:.1f} minutes: "
+            f"{results['command']} --minutes {math.ceil(results['minutes_to_step_caps'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -105,3 +105,25 @@ def test_the_time_left_is_shared_and_what_a_launch_overran_comes_off_those_after
     no_sync = allot.lengths("no_sync", warmup=3)
     left_s = total_s - sum(took_s.values()) - STARTUP_S["no_sync"]
     assert sum(n.seconds for n in no_sync.values()) == pytest.approx(left_s, abs=0.5)
+
+
+def test_the_minutes_to_the_step_caps_add_each_short_legs_missing_pairs():
+    from bench.run import STEPS, TRAINER, minutes_to_caps
+
+    results = {
+        "wall_time_s": 600.0,
+        "overhead": {
+            "steps": [STEPS["tiny"]["launcher"] - 10, STEPS["tiny"]["trainer"]],
+            "pair_s": {"launcher": 0.1, TRAINER: 0.2},
+        },
+        "realistic": {
+            "steps": [STEPS["realistic"]["launcher"] - 2, STEPS["realistic"]["trainer"] + 3],
+            "pair_s": {"launcher": 5.0, TRAINER: 6.0},
+        },
+        "no_sync": [
+            {"accum_steps": 1, "steps": STEPS["no_sync"]["k1"], "pair_s": 0.05},
+            {"accum_steps": 8, "steps": STEPS["no_sync"]["k8"] - 20, "pair_s": 0.3},
+        ],
+    }
+    # 10 tiny launcher pairs (1 s), 2 realistic ones (10 s), 20 at K=8 (6 s); a leg past its cap adds nothing.
+    assert minutes_to_caps(results, STEPS) == pytest.approx((600 + 1 + 10 + 6) / 60)
