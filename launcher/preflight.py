@@ -1,4 +1,4 @@
-"""Checks of what usually goes wrong across machines, each failing with one line (torch only for the store probe).
+"""Checks of what usually goes wrong across machines, each failing with one line; no torch, so a node checks fast.
 
 Two callers: ``launcher/train.py`` (through ``distributed.preflight``) in every launched process,
 before the process group forms; and ``python -m launcher.preflight`` on each node before
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,28 +63,29 @@ def check_ifname(var: str, value: str, interfaces: set[str]) -> None:
             )
 
 
+# The pinned torch's c10d store protocol (its libuv and its classic server alike): a client opens with VALIDATE
+# and the magic number, and PING answers with the nonce it was sent, in native byte order as torch sends them.
+STORE_VALIDATE, STORE_PING, STORE_MAGIC = 0, 13, 0x3C85F7CE
+
+
 def store_answers(addr: str, port: int, timeout_s: float) -> bool:
-    """Whether what listens at ``addr:port`` is a c10d rendezvous store: a store client's round trip. A bare TCP
-    connect is not enough (a transparent proxy or a sandbox answers it). The client blocks past its own
-    timeout on a peer that is not a store, so it runs in a thread that is given up on."""
-    from datetime import timedelta  # the store client is torch's; the node script imports it only here
-
-    import torch.distributed as dist
-
-    answered = threading.Event()
-
-    def round_trip() -> None:
-        try:
-            store = dist.TCPStore(
-                addr, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-            )
-            store.check(["accum-preflight"])
-            answered.set()
-        except Exception:  # noqa: BLE001 - any failure means no store answered
-            pass
-
-    threading.Thread(target=round_trip, daemon=True, name="rendezvous-probe").start()
-    return answered.wait(timeout_s)
+    """Whether what listens at ``addr:port`` is a c10d rendezvous store: it answers a PING with our nonce. A bare
+    TCP connect is not enough (a transparent proxy or a sandbox answers it). Spoken over a plain socket with a
+    timeout, because torch's own client blocks past its timeout on a peer that is not a store, and a thread left
+    behind on it logs when that peer closes."""
+    nonce = (os.getpid() ^ time.monotonic_ns()) & 0xFFFFFFFF
+    try:
+        with socket.create_connection((addr, port), timeout=timeout_s) as conn:
+            conn.sendall(struct.pack("=BI", STORE_VALIDATE, STORE_MAGIC) + struct.pack("=BI", STORE_PING, nonce))
+            reply = b""
+            while len(reply) < 4:
+                chunk = conn.recv(4 - len(reply))
+                if not chunk:
+                    return False
+                reply += chunk
+    except OSError:  # refused, reset or timed out: no store answered
+        return False
+    return struct.unpack("=I", reply)[0] == nonce
 
 
 def check_reachable(addr: str, port: int, timeout_s: float, store_timeout_s: float = 5.0) -> None:

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -300,19 +301,33 @@ def test_preflight_reports_a_taken_port_on_machine_0(monkeypatch):
     assert_one_error_line(stderr, (f"MASTER_PORT={port} is taken",))
 
 
-def test_preflight_passes_a_good_launch(monkeypatch):
+@pytest.mark.parametrize("use_libuv", [True, False], ids=["libuv_store", "classic_store"])
+def test_preflight_passes_a_good_launch(monkeypatch, use_libuv):
     assert preflight(monkeypatch, NNODES="2", NODE_RANK="0", MASTER_PORT=str(closed_port()))[0] == 0
-    # Machine 1, with a real rendezvous store at MASTER_ADDR:MASTER_PORT (what machine 0's agent hosts).
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    # Machine 1, with a real rendezvous store at MASTER_ADDR:MASTER_PORT (what machine 0's agent hosts); the
+    # probe speaks the store's protocol, which both of torch's servers answer.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=use_libuv)
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
     assert preflight(monkeypatch, **env) == (0, "")
 
 
-def test_preflight_tells_a_listener_from_a_rendezvous_store(monkeypatch):
-    """A port that accepts connections (a transparent proxy, another service) but is no store: one line."""
+def echo(listener: socket.socket) -> None:
+    """Send back what the one client sends, until it closes."""
+    conn, _ = listener.accept()
+    with conn:
+        while data := conn.recv(64):
+            conn.sendall(data)
+
+
+@pytest.mark.parametrize("answers", [False, True], ids=["silent", "echo"])
+def test_preflight_tells_a_listener_from_a_rendezvous_store(monkeypatch, answers):
+    """A port that accepts connections (a transparent proxy, another service) but is no store: one line, whether
+    it says nothing or sends bytes back."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        if answers:
+            threading.Thread(target=echo, args=(listener,), daemon=True).start()
         port = str(listener.getsockname()[1])
         code, stderr = preflight(monkeypatch, NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     assert code == 2
