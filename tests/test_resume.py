@@ -3,7 +3,7 @@
 One module-scoped set of float64 runs (8 steps, AdamW, cosine LR with warmup, 40 samples so the epoch
 has a short last window) is shared by the resume assertions: straight under 1 process (K=4, trained in this
 process) and 2 processes (K=2); stopped at 4 and resumed on 1 process; on 2 processes, stopped by SIGTERM
-during the save of step 4, stopped at 6 and resumed twice; and healed after two killed ranks under the elastic
+during the save of step 4 and resumed; and healed after two killed ranks under the elastic
 agent.
 """
 
@@ -84,9 +84,9 @@ def runs(root) -> dict:
     found["stop4_1"] = read_run(run_here(root, "stop4_1", *CHECKPOINTED, AUTO))
 
     found["straight_2"] = read_run(run_ok(root, 2, "straight_2", *CHECKPOINTED))
-    found["term"] = stopped_by_sigterm(root, "term_6_2")
-    run_ok(root, 2, "term_6_2", *CHECKPOINTED, AUTO, "run.stop_at_step=6")
-    found["term_6_2"] = read_run(run_ok(root, 2, "term_6_2", *CHECKPOINTED, AUTO))
+    # Resumed once to the end: a run resumed twice is the healed one's, whose restarts resume by themselves.
+    found["term"] = stopped_by_sigterm(root, "term_2")
+    found["term_2"] = read_run(run_ok(root, 2, "term_2", *CHECKPOINTED, AUTO))
     found["healed_2"] = read_run(run_ok(root, 2, "healed_2", *CHECKPOINTED, *HEALING, max_restarts=2, log="healed.log"))
     # The 1 x K=4 checkpoint, resumed under 2 processes x K=2 (same global batch), in a fresh folder; launched
     # on a busy --main_process_port to see what accelerate does with one.
@@ -110,7 +110,7 @@ def launch_on_port(root: Path, port: int, *overrides: str):
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize("label", ["stop4_1", "term_6_2"])
+@pytest.mark.parametrize("label", ["stop4_1", "term_2"])
 def test_resumed_run_is_bitwise_the_straight_run(runs, label):
     assert_same_run(runs[f"straight_{label[-1]}"], runs[label])
 
@@ -182,8 +182,8 @@ def test_sigterm_checkpoints_and_resumes_to_the_same_weights(runs):
     # The save in flight completes; both ranks agree (all-reduced) to stop after the next step, 5.
     assert term["checkpoints"] == ["step-00000004", "step-00000005"]
     assert term["steps_logged"] == 5 and not term["summary_written"]
-    # Resumed (and stopped again at 6, and resumed) to the straight run's weights: test_resumed_run_is_bitwise...
-    assert_same_run(runs["straight_2"], runs["term_6_2"])
+    # Resumed to the straight run's weights: test_resumed_run_is_bitwise...
+    assert_same_run(runs["straight_2"], runs["term_2"])
 
 
 # ---- bad input: one clear line, exit 2, nothing written over ----
