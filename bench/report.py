@@ -266,6 +266,70 @@ def _data_part(section: dict) -> list[str]:
     ]
 
 
+def labelled_ratios(results: dict[str, Any]) -> dict[str, dict]:
+    """Every ratio of a run, under a label that names it across runs (``tiny launcher / plain``)."""
+    found = {
+        f"{size} {r['of']} / {r['to']}": r
+        for size, section in (("tiny", "overhead"), ("realistic", "realistic"))
+        for r in results[section]["ratios"]
+    }
+    return found | {f"no_sync / every_step at K={row['accum_steps']}": row["ratio"] for row in results["no_sync"]}
+
+
+def against_previous(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """This run's ratios beside the previous run's (the results file it replaces): whether each pair of
+    intervals overlaps, which is what two runs agreeing within their intervals means; None where either has
+    too few pairs for an interval."""
+
+    def interval(r: dict) -> tuple[float, float] | None:
+        return (r["low"], r["high"]) if math.isfinite(r["high"]) else None
+
+    try:
+        before = labelled_ratios(previous)
+    except (KeyError, TypeError):  # an older or partial file: nothing to set beside
+        before = {}
+    rows = []
+    for label, now in labelled_ratios(results).items():
+        if label not in before:
+            continue
+        a, b = interval(now), interval(before[label])
+        overlap = None if a is None or b is None else a[0] <= b[1] and b[0] <= a[1]
+        both = now["resolved"] and before[label]["resolved"]
+        rows.append(
+            {
+                "ratio": label,
+                "now": now["text"],
+                "before": before[label]["text"],
+                "overlap": overlap,
+                "both_resolved": both,
+            }
+        )
+    return {"command": previous.get("command"), "date": previous.get("date"), "ratios": rows}
+
+
+def _previous_part(section: dict[str, Any] | None) -> list[str]:
+    if not section or not section["ratios"]:
+        return ["## Against the previous run", "", "No earlier results in this folder to compare with."]
+    rows = section["ratios"]
+    judged = [r for r in rows if r["overlap"] is not None]
+    yes = {True: "yes", False: "**no**", None: "-"}
+    about = [f"`{section['command']}`"] if section["command"] else []
+    about += [section["date"]] if section["date"] else []
+    when = f" ({', '.join(about)})" if about else ""
+    return [
+        "## Against the previous run",
+        "",
+        f"The results this run replaced{when}, ratio by ratio: two runs agree where their intervals overlap. "
+        f"{sum(r['overlap'] for r in judged)} of {len(judged)} overlap, {sum(r['both_resolved'] for r in judged)} "
+        "of them resolved in both runs (an unresolved interval is wide, and overlaps easily).",
+        "",
+        _table(
+            ["ratio", "this run", "the previous run", "intervals overlap"],
+            [[r["ratio"], r["now"], r["before"], yes[r["overlap"]]] for r in rows],
+        ),
+    ]
+
+
 def write_report(results: dict[str, Any], out_dir: Path) -> None:
     _plots(results, out_dir)
     m = results["machine"]
@@ -321,6 +385,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         *_memory_part(results["memory"]),
         "",
         *_data_part(results["data"]),
+        "",
+        *_previous_part(results.get("previous_run")),
         "",
     ]
     (out_dir / "benchmarks.md").write_text("\n".join(parts))

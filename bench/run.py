@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -333,6 +334,15 @@ def memory_vs_micro_batch(tmp: Path, micros: list[int]) -> list[dict]:
     return rows
 
 
+def read_previous(path: Path) -> dict | None:
+    """The results a run is about to replace, to set its ratios beside; None where there are none."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
 def machine() -> dict:
     import accelerate
     import torch
@@ -365,7 +375,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks.json and benchmarks.md go")
     args = parser.parse_args()
     from bench.data_scale import data_at_scale
-    from bench.report import write_report
+    from bench.report import against_previous, labelled_ratios, write_report
 
     quick = args.quick
     minutes = args.minutes or (4.0 if quick else 7.0)
@@ -386,6 +396,7 @@ def main() -> None:
             ("no_sync", lambda: no_sync(tmp, allot)),
         ]
         results: dict = {"machine": machine(), "command": "python bench/run.py" + (" --quick" if quick else "")}
+        results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         results["minutes"] = minutes
         results["warmup_steps_excluded"] = WARMUP_STEPS  # the realistic section's own is in its entry
         for name, section in sections:
@@ -397,11 +408,19 @@ def main() -> None:
     results["wall_time_s"] = time.perf_counter() - started
     results["minutes_to_step_caps"] = minutes_to_caps(results, QUICK_STEPS if quick else STEPS)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_previous(args.out_dir / "benchmarks.json")
+    results["previous_run"] = against_previous(previous, results) if previous else None
     (args.out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, args.out_dir)
     print(f"wrote {args.out_dir / 'benchmarks.md'} in {results['wall_time_s']:.0f} s")
-    ratios = [r for name in ("overhead", "realistic") for r in results[name]["ratios"]]
-    ratios += [row["ratio"] for row in results["no_sync"]]
+    beside = [r for r in (results["previous_run"] or {"ratios": []})["ratios"] if r["overlap"] is not None]
+    if beside:
+        apart = [r["ratio"] for r in beside if not r["overlap"]]
+        print(
+            f"{len(beside) - len(apart)} of {len(beside)} intervals overlap the previous run's"
+            + (f"; apart: {', '.join(apart)}" if apart else "")
+        )
+    ratios = labelled_ratios(results).values()
     unresolved = sum(not ratio["resolved"] for ratio in ratios)
     if unresolved:
         print(

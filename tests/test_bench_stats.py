@@ -127,3 +127,34 @@ def test_the_minutes_to_the_step_caps_add_each_short_legs_missing_pairs():
     }
     # 10 tiny launcher pairs (1 s), 2 realistic ones (10 s), 20 at K=8 (6 s); a leg past its cap adds nothing.
     assert minutes_to_caps(results, STEPS) == pytest.approx((600 + 1 + 10 + 6) / 60)
+
+
+def test_a_run_is_set_beside_the_one_it_replaces_ratio_by_ratio(tmp_path):
+    """Two runs agree where their intervals overlap; the report and the results say which do not. Built on the
+    committed docs/benchmarks.json, with one ratio moved clear of its interval."""
+    import copy
+    import json
+
+    from bench.report import against_previous, labelled_ratios, write_report
+    from bench.run import DOCS, read_previous
+
+    before = read_previous(DOCS / "benchmarks.json")
+    for ratio in before["overhead"]["ratios"]:  # as if the tiny ratios had resolved in both runs
+        ratio["resolved"] = ratio["to"] == "plain"
+    now = copy.deepcopy(before)
+    moved = now["no_sync"][1]["ratio"]
+    width = moved["high"] - moved["low"]
+    moved["low"], moved["high"] = before["no_sync"][1]["ratio"]["high"] + 0.01, moved["high"] + width + 0.01
+    now["previous_run"] = against_previous(before, now)
+    rows = {r["ratio"]: r["overlap"] for r in now["previous_run"]["ratios"]}
+    assert set(rows) == set(labelled_ratios(before)) and len(rows) == 7
+    assert [label for label, overlap in rows.items() if not overlap] == ["no_sync / every_step at K=8"]
+    write_report(now, tmp_path)
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "6 of 7 overlap, 2 of them resolved in both runs" in report
+    assert "| no_sync / every_step at K=8 |" in report and "| **no** |" in report
+    # No earlier file, a broken one, or one without the ratios: nothing to set beside, and the run goes on.
+    assert read_previous(tmp_path / "none.json") is None
+    (tmp_path / "broken.json").write_text('{"no_sync": [')
+    assert read_previous(tmp_path / "broken.json") is None
+    assert against_previous(json.loads('{"overhead": {}}'), now)["ratios"] == []
