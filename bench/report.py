@@ -307,11 +307,18 @@ def against_previous(previous: dict[str, Any], results: dict[str, Any]) -> dict[
     return {"command": previous.get("command"), "date": previous.get("date"), "ratios": rows}
 
 
+def overlaps(section: dict[str, Any] | None) -> tuple[list[dict], list[str]]:
+    """Of ``against_previous``'s rows, those with an interval in both runs, and the labels of those whose
+    intervals lie apart."""
+    judged = [r for r in (section["ratios"] if section else []) if r["overlap"] is not None]
+    return judged, [r["ratio"] for r in judged if not r["overlap"]]
+
+
 def _previous_part(section: dict[str, Any] | None) -> list[str]:
     if not section or not section["ratios"]:
         return ["## Against the previous run", "", "No earlier results in this folder to compare with."]
     rows = section["ratios"]
-    judged = [r for r in rows if r["overlap"] is not None]
+    judged, apart = overlaps(section)
     yes = {True: "yes", False: "**no**", None: "-"}
     about = [f"`{section['command']}`"] if section["command"] else []
     about += [section["date"]] if section["date"] else []
@@ -320,7 +327,7 @@ def _previous_part(section: dict[str, Any] | None) -> list[str]:
         "## Against the previous run",
         "",
         f"The results this run replaced{when}, ratio by ratio: two runs agree where their intervals overlap. "
-        f"{sum(r['overlap'] for r in judged)} of {len(judged)} overlap, {sum(r['both_resolved'] for r in judged)} "
+        f"{len(judged) - len(apart)} of {len(judged)} overlap, {sum(r['both_resolved'] for r in judged)} "
         "of them resolved in both runs (an unresolved interval is wide, and overlaps easily).",
         "",
         _table(

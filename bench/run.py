@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where benchmarks.json and benchmarks.md go")
     args = parser.parse_args()
     from bench.data_scale import data_at_scale
-    from bench.report import against_previous, labelled_ratios, write_report
+    from bench.report import against_previous, labelled_ratios, overlaps, write_report
 
     quick = args.quick
     minutes = args.minutes or (4.0 if quick else 7.0)
@@ -413,9 +413,8 @@ def main() -> None:
     (args.out_dir / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, args.out_dir)
     print(f"wrote {args.out_dir / 'benchmarks.md'} in {results['wall_time_s']:.0f} s")
-    beside = [r for r in (results["previous_run"] or {"ratios": []})["ratios"] if r["overlap"] is not None]
+    beside, apart = overlaps(results["previous_run"])
     if beside:
-        apart = [r["ratio"] for r in beside if not r["overlap"]]
         print(
             f"{len(beside) - len(apart)} of {len(beside)} intervals overlap the previous run's"
             + (f"; apart: {', '.join(apart)}" if apart else "")
